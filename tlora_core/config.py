@@ -1,0 +1,91 @@
+"""Settings of one T-LoRA: a dataclass that validates itself and doubles as the file's metadata."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .errors import TLoraConfigError
+from .schedule import DEFAULT_T
+
+# variant -> (orthogonal init with frozen base subtracted, rank mask follows t)
+VARIANTS = {
+    "tlora": (True, True),          # full T-LoRA: Ortho-LoRA init + timestep mask (the paper)
+    "vanilla_tlora": (False, True),  # plain LoRA init + timestep mask
+    "ortho_lora": (True, False),    # Ortho-LoRA init, full rank at every t
+    "lora": (False, False),         # plain LoRA, full rank at every t
+}
+ORTHO_INITS = ("last", "middle", "principal")
+
+
+@dataclass
+class TLoraConfig:
+    """Everything needed besides the tensors to reproduce a T-LoRA's inference exactly."""
+
+    rank: int = field(default=64, metadata={"help": "number of low-rank components r"})
+    min_rank: int = field(default=32, metadata={"help": "r_min: components kept at the highest noise"})
+    exponent: float = field(default=1.0, metadata={"help": "bends r(t); 1 is the paper's straight line"})
+    max_timestep: int = field(default=DEFAULT_T, metadata={"help": "T of Eq. 5"})
+    variant: str = field(default="tlora", metadata={"help": "one of " + ", ".join(VARIANTS)})
+    init: str = field(default="last", metadata={"help": "ortho init: last | middle | principal"})
+    base_model: str = field(default="", metadata={"help": "model family trained on, e.g. SD15, SDXL, Flux"})
+    trigger: str = field(default="", metadata={"help": "trigger word used in training prompts"})
+    class_word: str = field(default="", metadata={"help": "class noun of the subject, e.g. dog"})
+    source: str = field(default="", metadata={"help": "where the tensors came from (trainer, reader name)"})
+    training: dict = field(default_factory=dict, metadata={"help": "training settings, for the record"})
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise TLoraConfigError(f"rank must be a whole number >= 1, got {self.rank!r}.")
+        if not isinstance(self.min_rank, int) or not 1 <= self.min_rank <= self.rank:
+            raise TLoraConfigError(
+                f"r_min must be between 1 and rank ({self.rank}), got {self.min_rank!r}. "
+                f"Use r_min = rank // 2 (the paper's default) or lower it for more diversity.")
+        if not (isinstance(self.exponent, (int, float)) and math.isfinite(self.exponent) and self.exponent > 0):
+            raise TLoraConfigError(f"schedule exponent must be a finite number > 0, got {self.exponent!r}.")
+        self.exponent = float(self.exponent)
+        if not isinstance(self.max_timestep, int) or self.max_timestep < 1:
+            raise TLoraConfigError(f"max_timestep (T) must be a whole number >= 1, got {self.max_timestep!r}.")
+        if self.variant not in VARIANTS:
+            raise TLoraConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
+        if self.ortho and self.init not in ORTHO_INITS:
+            raise TLoraConfigError(f"unknown init {self.init!r}; choose one of {', '.join(ORTHO_INITS)}.")
+
+    @property
+    def ortho(self) -> bool:
+        """True when the factors start orthogonal and the frozen initial product is subtracted (Eq. 6)."""
+        return VARIANTS[self.variant][0]
+
+    @property
+    def masked(self) -> bool:
+        """True when the rank mask follows the timestep; False keeps full rank at every t."""
+        return VARIANTS[self.variant][1]
+
+    @property
+    def schedule_min_rank(self) -> int:
+        """The r_min the schedule really uses: unmasked variants keep the full rank everywhere."""
+        return self.min_rank if self.masked else self.rank
+
+    def replace(self, **changes) -> "TLoraConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TLoraConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TLoraConfigError(f"T-LoRA settings are not valid JSON ({exc}).") from exc
+        if not isinstance(data, dict):
+            raise TLoraConfigError("T-LoRA settings must be a JSON object.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TLoraConfigError(
+                f"T-LoRA settings hold unknown fields {unknown}: the file was written by a newer version "
+                f"of this pack; update the pack.")
+        return cls(**data)

@@ -1,0 +1,17 @@
+"""The pack's own error types: every failure a user can cause ends up as one of these.
+
+Messages name the bad value, the key or the file, and the fix, so a ComfyUI user can act on the
+text shown in the UI without reading a traceback.
+"""
+
+
+class TLoraError(ValueError):
+    """Base class for every error this pack raises on purpose."""
+
+
+class TLoraConfigError(TLoraError):
+    """A setting is out of range or inconsistent (rank, r_min, variant, ...)."""
+
+
+class TLoraFormatError(TLoraError):
+    """A file cannot be read as a T-LoRA: not safetensors, corrupt, unknown format or version."""

@@ -1,0 +1,172 @@
+"""The pack's T-LoRA file: one .safetensors with self-describing metadata.
+
+Tensors: `<layer>.tlora_<field>` for field in down, up, scale, base_down, base_up, base_scale, where
+<layer> is a LoRA layer key that ComfyUI's LoRA key maps resolve (this pack's trainer writes
+`diffusion_model.<module path>`; converted files keep their source's diffusers or kohya names).
+The names differ from `lora_down/lora_up` on purpose: a stock LoRA loader must not silently apply a
+T-LoRA without its mask and base subtraction.
+
+Metadata (all strings): tlora.format = "comfyui-tlora", tlora.format_version, tlora.config (JSON of
+TLoraConfig: rank, min_rank, exponent, T, variant, init, base model, trigger, training settings).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapter import TENSOR_FIELDS, LayerFactors, delta_weight
+from .config import TLoraConfig
+from .errors import TLoraError, TLoraFormatError
+
+FORMAT_NAME = "comfyui-tlora"
+FORMAT_VERSION = 1
+KEY_MARK = ".tlora_"
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TLora:
+    """A T-LoRA in memory: its settings and the factors of every adapted layer, by layer key."""
+
+    config: TLoraConfig
+    layers: dict[str, LayerFactors] = field(default_factory=dict)
+
+    def num_values(self) -> int:
+        return sum(t.numel() for f in self.layers.values() for t in f.tensors().values())
+
+    def delta_weights(self, mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Dense dW for every layer at one mask (None = full rank), float32 on the CPU."""
+        return {key: delta_weight(f, mask) for key, f in self.layers.items()}
+
+
+def to_state_dict(tlora: TLora, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Flat tensor dict in the file's key layout, contiguous, on the CPU, in the storage dtype."""
+    out = {}
+    for layer, f in tlora.layers.items():
+        for name, t in f.tensors().items():
+            out[f"{layer}{KEY_MARK}{name}"] = t.detach().to("cpu", dtype).contiguous()
+    return out
+
+
+def from_state_dict(tensors: dict[str, torch.Tensor], config: TLoraConfig, origin: str = "") -> TLora:
+    """Group `<layer>.tlora_<field>` tensors back into LayerFactors (float32)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        layer, mark, name = key.rpartition(KEY_MARK)
+        if not mark or name not in TENSOR_FIELDS:
+            raise TLoraFormatError(f"unexpected tensor {key!r} in T-LoRA file {origin or '?'}.")
+        grouped.setdefault(layer, {})[name] = t.to(torch.float32)
+    layers = {}
+    for layer, parts in grouped.items():
+        if "down" not in parts or "up" not in parts:
+            raise TLoraFormatError(f"layer {layer!r} in {origin or '?'} lacks its down or up tensor.")
+        try:
+            layers[layer] = LayerFactors(**parts)
+        except TLoraFormatError as exc:
+            raise TLoraFormatError(f"layer {layer!r} in {origin or '?'}: {exc}") from exc
+        if layers[layer].rank != config.rank:
+            raise TLoraFormatError(f"layer {layer!r} in {origin or '?'} has rank {layers[layer].rank}, "
+                                   f"the metadata says {config.rank}.")
+    return TLora(config=config, layers=layers)
+
+
+def metadata_for(tlora: TLora, storage: str) -> dict[str, str]:
+    return {"tlora.format": FORMAT_NAME, "tlora.format_version": str(FORMAT_VERSION),
+            "tlora.config": tlora.config.to_json(), "tlora.storage": storage, "format": "pt"}
+
+
+def write_new_file(path: str | os.PathLike, write) -> Path:
+    """Run write(tmp_path) then move the result to `path` atomically, never replacing an existing file.
+
+    The temporary file sits in the target folder, so a crash, a cancel or a full disk leaves no partial
+    file under the final name, and whatever was at `path` before stays as it was.
+    """
+    path = Path(path)
+    if path.exists():
+        raise TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # fails if path appeared meanwhile: no overwrite, even in a race
+        except FileExistsError:
+            raise TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
+        except OSError:
+            if path.exists():
+                raise TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
+            os.replace(tmp, path)  # file systems without hard links
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_tlora(tlora: TLora, path: str | os.PathLike, storage: str = "fp32") -> Path:
+    """Write `tlora` to a new .safetensors file (fp32, fp16 or bf16 storage); returns the path."""
+    if storage not in STORAGE_DTYPES:
+        raise TLoraError(f"unknown storage dtype {storage!r}; choose one of {', '.join(STORAGE_DTYPES)}.")
+    tensors = to_state_dict(tlora, STORAGE_DTYPES[storage])
+    metadata = metadata_for(tlora, storage)
+    return write_new_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TLoraFormatError(f"no file at {path}.")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise TLoraFormatError(
+            f"{path} is not a readable .safetensors file ({exc}). It may be truncated or of another "
+            f"format; download or export it again.") from exc
+    return tensors, metadata
+
+
+def is_tlora_metadata(metadata: dict[str, str]) -> bool:
+    return metadata.get("tlora.format") == FORMAT_NAME
+
+
+def parse_tlora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], origin: str = "") -> TLora:
+    """Build a TLora from an already-read file of this pack's format."""
+    if not is_tlora_metadata(metadata):
+        raise TLoraFormatError(f"{origin or 'the file'} is not a {FORMAT_NAME} file (its metadata has no "
+                               f"tlora.format = {FORMAT_NAME}).")
+    try:
+        version = int(metadata.get("tlora.format_version", ""))
+    except ValueError:
+        raise TLoraFormatError(f"{origin}: format version {metadata.get('tlora.format_version')!r} is not a number.")
+    if version > FORMAT_VERSION:
+        raise TLoraFormatError(f"{origin} uses T-LoRA format version {version}; this pack reads up to "
+                               f"{FORMAT_VERSION}. Update the pack.")
+    config = TLoraConfig.from_json(metadata.get("tlora.config", "{}"))
+    return from_state_dict(tensors, config, origin)
+
+
+def load_tlora(path: str | os.PathLike) -> TLora:
+    """Read a file written by save_tlora."""
+    tensors, metadata = read_safetensors(path)
+    return parse_tlora(tensors, metadata, str(path))
+
+
+def describe(metadata: dict[str, str]) -> str:
+    """One line about a file's settings, for logs and UI."""
+    cfg = json.loads(metadata.get("tlora.config", "{}"))
+    return (f"{cfg.get('variant', '?')} rank {cfg.get('rank', '?')} r_min {cfg.get('min_rank', '?')} "
+            f"base {cfg.get('base_model') or '?'}")

@@ -1,0 +1,68 @@
+"""Turns ComfyUI IMAGE / MASK tensors into the square training crops of the paper (centre crop + resize)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..tlora_core.errors import TLoraError
+
+MAX_RESOLUTION = 2048
+
+
+def to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """[N, H, W, C] in 0..1 with C = 1 (grayscale), 3 or 4 (alpha dropped) -> [N, H, W, 3]."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4:
+        raise TLoraError(f"IMAGE must be [batch, height, width, channels], got shape {list(image.shape)}.")
+    channels = image.shape[-1]
+    if channels == 1:
+        return image.expand(-1, -1, -1, 3)
+    if channels in (3, 4):
+        return image[..., :3]
+    raise TLoraError(f"IMAGE has {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
+
+
+def pick_resolution(height: int, width: int, requested: int, native: int) -> int:
+    """requested > 0 wins; else the shorter side, capped at the model's native size, multiple of 64."""
+    side = requested if requested > 0 else min(height, width, native)
+    return max(64, side // 64 * 64)
+
+
+def centre_crop_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, H, W, C] -> [N, size, size, C]: the largest centred square, resized (antialiased)."""
+    _, h, w, _ = pixels.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = pixels[:, top:top + side, left:left + side, :].movedim(-1, 1)
+    if side != size:
+        square = F.interpolate(square, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return square.clamp(0, 1).movedim(1, -1)
+
+
+def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution: int, native: int):
+    """Training pixels [N, S, S, 3] and loss weights [N, S, S] (None without a mask)."""
+    if image.numel() == 0 or image.shape[-2] == 0 or image.shape[-3] == 0:
+        raise TLoraError("the IMAGE is empty (size 0); connect a real image.")
+    rgb = to_rgb(image.float())
+    h, w = rgb.shape[1:3]
+    if max(h, w) > 4 * MAX_RESOLUTION:
+        raise TLoraError(f"the IMAGE is {w}x{h}; images over {4 * MAX_RESOLUTION} px per side are refused. "
+                         f"Downscale it first (e.g. with ImageScale).")
+    size = pick_resolution(h, w, resolution, native)
+    if size > MAX_RESOLUTION:
+        raise TLoraError(f"resolution {size} is larger than {MAX_RESOLUTION}; choose a smaller resolution.")
+    pixels = centre_crop_resize(rgb, size)
+    if mask is None:
+        return pixels, None
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if tuple(mask.shape[1:]) != (h, w):
+        raise TLoraError(f"the MASK is {mask.shape[2]}x{mask.shape[1]} but the IMAGE is {w}x{h}; "
+                         f"use a mask made for this image (e.g. from the same LoadImage).")
+    if mask.shape[0] not in (1, rgb.shape[0]):
+        raise TLoraError(f"{mask.shape[0]} masks for {rgb.shape[0]} images; give one mask or one per image.")
+    weights = centre_crop_resize(mask.float().unsqueeze(-1), size)[..., 0]
+    return pixels, weights.expand(rgb.shape[0], -1, -1)

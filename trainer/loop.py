@@ -1,0 +1,121 @@
+"""The training loop, run inside ComfyUI's sampling machinery (a CFGGuider with a custom Sampler).
+
+Going through the guider lets ComfyUI load the model, turn the conditioning into the model's inputs
+for any model family (SD1.5 cross-attention, SD-XL pooled and size embeddings, Flux guidance) and
+run the model's wrappers, so the T-LoRA runtime sets each step's rank mask from the sigma it sees.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_sampling as ms_lib
+import comfy.samplers
+
+from ..tlora_core.errors import TLoraError
+from ..tlora_core.schedule import DEFAULT_T
+
+
+def draw_timesteps(model_sampling, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """t per sample, uniform as in the paper: integers 0..T-1 for discrete models, reals for flow ones."""
+    if isinstance(model_sampling, (ms_lib.ModelSamplingDiscreteFlow, ms_lib.ModelSamplingFlux)):
+        return torch.rand(batch, generator=generator) * DEFAULT_T
+    return torch.randint(0, DEFAULT_T, (batch,), generator=generator).float()
+
+
+def sigmas_for(model_sampling, t: torch.Tensor) -> torch.Tensor:
+    """The sigma ComfyUI uses for timestep t (the inverse of trainer.timesteps)."""
+    if isinstance(model_sampling, ms_lib.ModelSamplingDiscreteFlow):
+        return model_sampling.sigma(t * (model_sampling.multiplier / DEFAULT_T))
+    if isinstance(model_sampling, ms_lib.ModelSamplingFlux):
+        return model_sampling.sigma(t / DEFAULT_T)
+    return model_sampling.sigmas[t.long()].float()
+
+
+def loss_weights(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight that turns an x0-space squared error into the model's own objective.
+
+    ComfyUI's model returns x0. For epsilon and flow (velocity) models the native error equals the
+    x0 error divided by sigma; for v-prediction it is scaled by sqrt(sigma^2 + sd^2) / (sigma * sd).
+    """
+    if isinstance(model_sampling, ms_lib.X0):
+        return torch.ones_like(sigma)
+    if isinstance(model_sampling, ms_lib.V_PREDICTION):
+        sd = float(model_sampling.sigma_data)
+        return (sigma ** 2 + sd ** 2) / (sigma ** 2 * sd ** 2)
+    return 1.0 / sigma ** 2
+
+
+class PositiveOnlyGuider(comfy.samplers.CFGGuider):
+    """Guidance scale 1 with the training prompt only: one model evaluation per step, no CFG batch."""
+
+    def set_conds(self, positive):
+        self.inner_set_conds({"positive": positive})
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, self.conds.get("positive"),
+                                                1.0, model_options=model_options, seed=seed)
+
+
+@dataclass
+class LoopHooks:
+    """Callbacks of the surrounding run: one step finished, time to save, check for cancel."""
+
+    on_step: Callable[[int, float], None]
+    should_save: Callable[[int], bool]
+    save: Callable[[int], None]
+    start_step: int = 0
+    losses: list = field(default_factory=list)
+
+
+class TrainSampler(comfy.samplers.Sampler):
+    """A 'sampler' whose sample() runs the optimisation loop and returns the latent unchanged."""
+
+    def __init__(self, pixel_weights: Optional[torch.Tensor], batch_size: int, optimizer: torch.optim.Optimizer,
+                 steps: int, seed: int, autocast_dtype: Optional[torch.dtype], hooks: LoopHooks):
+        self.pixel_weights, self.batch_size, self.optimizer = pixel_weights, batch_size, optimizer
+        self.steps, self.autocast_dtype, self.hooks = steps, autocast_dtype, hooks
+        self.generator = torch.Generator(device="cpu").manual_seed(seed + hooks.start_step)
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        model_sampling = model_wrap.inner_model.model_sampling
+        latents = latent_image  # the encoded images, already through the model's process_latent_in
+        weights = None if self.pixel_weights is None else self.pixel_weights.to(latents.device)
+        for step in range(self.hooks.start_step, self.steps):
+            mm.throw_exception_if_processing_interrupted()
+            loss = self.one_step(model_wrap, model_sampling, latents, weights, extra_args)
+            self.hooks.on_step(step + 1, loss)
+            if self.hooks.should_save(step + 1):
+                self.hooks.save(step + 1)
+        return latent_image
+
+    def one_step(self, model_wrap, model_sampling, latents, weights, extra_args) -> float:
+        n = self.batch_size
+        pick = torch.randint(0, latents.shape[0], (n,), generator=self.generator)
+        x0 = latents[pick.to(latents.device)]
+        t = draw_timesteps(model_sampling, n, self.generator)
+        sigma = sigmas_for(model_sampling, t).to(x0.device, torch.float32)
+        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
+        xt = model_sampling.noise_scaling(sigma, noise, x0, False)
+        with torch.autocast(x0.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            denoised = model_wrap(xt, sigma, **extra_args)
+        err = (denoised.float() - x0.float()) ** 2
+        if weights is not None:
+            w = weights[pick.to(weights.device)]
+            per_sample = (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+        else:
+            per_sample = err.mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weights(model_sampling, sigma)).mean()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TLoraError(f"the training loss became {value} (not finite). Lower the learning rate or use "
+                             f"training_dtype fp32; the last good T-LoRA file is kept.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return value

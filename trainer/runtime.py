@@ -1,0 +1,230 @@
+"""Applies a T-LoRA to a ComfyUI ModelPatcher so that the rank mask follows every model call's sigma.
+
+How it enters ComfyUI (each with its undo, under a key of its own so several T-LoRAs stack):
+- an APPLY_MODEL wrapper reads the sigmas of the call, turns them into t and r(t) (Eq. 5) and keeps
+  the masks for the duration of that call;
+- a PatcherInjection adds, on inject, two hooks to every adapted Linear and removes them on eject:
+  * a `weight_function` (ComfyUI's per-forward weight hook, also used by its low-VRAM patches) that
+    returns W + strength * dW(t) when every row of the batch shares one t (CFG halves share their
+    sigma): out*in*r extra work per layer, independent of the number of tokens;
+  * a forward hook that adds strength * dW(t_i) x_i per sample when rows carry different t.
+The base weights are never modified and nothing is merged, so unpatching gives the original model.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import comfy.lora
+import comfy.patcher_extension as pe
+
+from ..tlora_core.adapter import LayerFactors, delta_weight, masked_delta
+from ..tlora_core.errors import TLoraError
+from ..tlora_core.format import TLora
+from ..tlora_core.schedule import prefix_masks, ranks_for_timesteps
+from .timesteps import timesteps_from_sigmas
+
+KEY_PREFIX = "comfyui-tlora"
+
+
+@dataclass
+class Target:
+    """Where one T-LoRA layer lands: a Linear module and, for fused weights, a slice of its outputs."""
+
+    layer_key: str
+    module_path: str  # path below the BaseModel, e.g. "diffusion_model.input_blocks.1.1....to_q"
+    rows: Optional[tuple[int, int]] = None  # (offset, size) along the output dimension
+
+
+@dataclass
+class CallMasks:
+    """The masks of the model call in progress."""
+
+    ranks: list[int]
+    masks: torch.Tensor  # (batch, r) on the call's device
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.ranks)) == 1
+
+    @property
+    def active(self) -> int:
+        return max(self.ranks)
+
+
+@dataclass
+class Schedule:
+    """The schedule settings in force for one application (file values unless overridden)."""
+
+    rank: int
+    min_rank: int
+    exponent: float
+    max_timestep: int
+
+
+def resolve_targets(model, layer_keys) -> tuple[dict[str, Target], list[str]]:
+    """Map T-LoRA layer keys to modules through ComfyUI's own LoRA key map; returns (found, missing)."""
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    found, missing = {}, []
+    for key in layer_keys:
+        target = key_map.get(key) or key_map.get(f"diffusion_model.{key}")
+        if target is None:
+            missing.append(key)
+            continue
+        rows = None
+        if isinstance(target, tuple):  # fused weight (e.g. Flux qkv): (weight key, (dim, offset, size))
+            target, (dim, offset, size) = target[0], target[1][:3]
+            if dim != 0:
+                missing.append(key)
+                continue
+            rows = (offset, size)
+        if not target.endswith(".weight"):
+            missing.append(key)
+            continue
+        found[key] = Target(key, target[: -len(".weight")], rows)
+    return found, missing
+
+
+class AdaptedLayer:
+    """The two hooks of one Linear; they read the masks of the current call from the runtime."""
+
+    def __init__(self, runtime: "TLoraRuntime", target: Target, factors: LayerFactors):
+        self.runtime, self.target, self.factors = runtime, target, factors
+        self.hook_handle = None
+        self.weight_path = True  # False for plain torch Linears, which ignore weight_function
+
+    def _factors_on(self, device) -> LayerFactors:
+        f = self.factors
+        return f if f.down.device == device else f.to(device=device)
+
+    def weight_function(self, weight: torch.Tensor) -> torch.Tensor:
+        call = self.runtime.current
+        if call is None or not call.uniform or self.runtime.strength == 0:
+            return weight
+        f = self._factors_on(weight.device)
+        dw = delta_weight(f, call.masks[0], active=call.active, dtype=torch.float32) * self.runtime.strength
+        if self.target.rows is None:
+            return (weight.float() + dw).to(weight.dtype) if weight.dtype != torch.float32 else weight + dw
+        offset, size = self.target.rows
+        rows = weight[offset:offset + size].float() + dw
+        return torch.cat([weight[:offset], rows.to(weight.dtype), weight[offset + size:]])
+
+    def forward_hook(self, module, args, output):
+        call = self.runtime.current
+        if call is None or (call.uniform and self.weight_path) or self.runtime.strength == 0:
+            return None
+        x = args[0]
+        masks = call.masks
+        if x.shape[0] != masks.shape[0]:
+            if x.shape[0] % masks.shape[0]:
+                raise TLoraError(f"T-LoRA layer {self.target.layer_key}: batch of {x.shape[0]} rows cannot be "
+                                 f"matched to {masks.shape[0]} sigmas.")
+            masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
+        delta = masked_delta(x, self._factors_on(x.device), masks.to(x.device), active=call.active)
+        delta = delta * self.runtime.strength
+        if self.target.rows is None:
+            return output + delta.to(output.dtype)
+        offset, size = self.target.rows
+        out = output.clone()
+        out[..., offset:offset + size] += delta.to(output.dtype)
+        return out
+
+
+class TLoraRuntime:
+    """One application of a T-LoRA on one ModelPatcher (create it through `apply_tlora`)."""
+
+    def __init__(self, tlora: TLora, targets: dict[str, Target], strength: float, schedule: Schedule,
+                 move_to_device: bool = True):
+        self.key = f"{KEY_PREFIX}-{uuid.uuid4().hex[:12]}"
+        self.tlora, self.strength, self.schedule = tlora, float(strength), schedule
+        self.move_to_device = move_to_device
+        self.layers = [AdaptedLayer(self, t, tlora.layers[k]) for k, t in targets.items()]
+        self.current: Optional[CallMasks] = None
+
+    def masks_for(self, t: torch.Tensor, device) -> CallMasks:
+        s = self.schedule
+        ranks = ranks_for_timesteps(t, s.rank, s.min_rank, s.exponent, s.max_timestep)
+        return CallMasks(ranks, prefix_masks(ranks, s.rank, device=device))
+
+    def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
+        """APPLY_MODEL wrapper: t here is the sigma batch of this call."""
+        model_sampling = executor.class_obj.model_sampling
+        timesteps = timesteps_from_sigmas(model_sampling, t, self.schedule.max_timestep)
+        previous, self.current = self.current, self.masks_for(timesteps, x.device)
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:
+            self.current = previous
+
+    def inject(self, patcher):
+        model = patcher.model
+        for layer in self.layers:
+            module = model.get_submodule(layer.target.module_path)
+            if self.move_to_device:
+                layer.factors = layer.factors.to(device=patcher.load_device)
+            # ComfyUI's ops read weight_function; a plain torch Linear would ignore it.
+            layer.weight_path = hasattr(module, "comfy_cast_weights")
+            # Instance list, never the class attribute shared by every Linear.
+            module.weight_function = list(getattr(module, "weight_function", [])) + [layer.weight_function]
+            layer.hook_handle = module.register_forward_hook(layer.forward_hook)
+
+    def eject(self, patcher):
+        model = patcher.model
+        for layer in self.layers:
+            module = model.get_submodule(layer.target.module_path)
+            module.weight_function = [f for f in getattr(module, "weight_function", [])
+                                      if f != layer.weight_function]
+            if layer.hook_handle is not None:
+                layer.hook_handle.remove()
+                layer.hook_handle = None
+            if self.move_to_device:
+                layer.factors = self.tlora.layers[layer.target.layer_key]  # back to the CPU copy
+
+
+def check_shapes(model, tlora: TLora, targets: dict[str, Target]):
+    """Refuse layers whose factor shapes do not fit the module they resolve to."""
+    for key, target in targets.items():
+        weight = model.get_submodule(target.module_path).weight
+        out_f = target.rows[1] if target.rows else weight.shape[0]
+        f = tlora.layers[key]
+        if weight.dim() != 2 or (out_f, weight.shape[1]) != (f.out_features, f.in_features):
+            raise TLoraError(
+                f"T-LoRA layer {key} has shape [{f.out_features}, {f.in_features}] but the model's "
+                f"{target.module_path} is {list(weight.shape)}: the T-LoRA was made for another model "
+                f"(its base model: {tlora.config.base_model or 'unknown'}).")
+
+
+def apply_tlora(model_patcher, tlora: TLora, strength: float = 1.0, min_rank: Optional[int] = None,
+                exponent: Optional[float] = None, move_to_device: bool = True):
+    """A clone of `model_patcher` with the T-LoRA attached; the input patcher is not changed.
+
+    min_rank / exponent override the file's schedule (None keeps it). Returns (patcher, runtime).
+    """
+    cfg = tlora.config
+    schedule = Schedule(cfg.rank, cfg.schedule_min_rank if min_rank is None else int(min_rank),
+                        cfg.exponent if exponent is None else float(exponent), cfg.max_timestep)
+    if not 1 <= schedule.min_rank <= schedule.rank:
+        raise TLoraError(f"r_min must be between 1 and the T-LoRA's rank {schedule.rank}, got {schedule.min_rank}.")
+    if not schedule.exponent > 0:
+        raise TLoraError(f"schedule exponent must be > 0, got {schedule.exponent}.")
+    targets, missing = resolve_targets(model_patcher.model, tlora.layers.keys())
+    if not targets:
+        raise TLoraError(
+            f"none of the T-LoRA's {len(tlora.layers)} layers (e.g. {next(iter(tlora.layers), '?')}) match "
+            f"this model ({type(model_patcher.model).__name__}); it was made for "
+            f"{cfg.base_model or 'another model'}. Load the checkpoint it was trained on.")
+    if missing:
+        logging.warning("T-LoRA: %d of %d layers match nothing in the model and are skipped (e.g. %s).",
+                        len(missing), len(tlora.layers), missing[0])
+    check_shapes(model_patcher.model, tlora, targets)
+    runtime = TLoraRuntime(tlora, targets, strength, schedule, move_to_device)
+    patched = model_patcher.clone()
+    patched.set_injections(runtime.key, [pe.PatcherInjection(inject=runtime.inject, eject=runtime.eject)])
+    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, runtime.key, runtime.apply_model_wrapper)
+    logging.info("T-LoRA: applied %d layers (%s, rank %d, r_min %d, strength %g).", len(targets),
+                 cfg.variant, schedule.rank, schedule.min_rank, strength)
+    return patched, runtime

@@ -1,12 +1,12 @@
 """The pack's ComfyUI nodes (V3 schema): a thin face over tlora_core and trainer."""
 from comfy_api.latest import ComfyExtension, io
 
-from . import apply
+from . import apply, train
 
 
 class TLoraExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*apply.NODES]
+        return [*train.NODES, *apply.NODES]
 
 
 async def comfy_entrypoint() -> TLoraExtension:

@@ -5,7 +5,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..tlora_core.readers import read_any
-from ..trainer.runtime import apply_tlora
+from ..trainer.runtime import apply_tlora, base_weight_lookup
 from .common import CATEGORY, TLoraType
 
 
@@ -63,7 +63,7 @@ class TLoraLoad(io.ComfyNode):
     @classmethod
     def execute(cls, model, tlora_name, strength, min_rank, exponent) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", tlora_name)
-        tlora = read_any(path, min_rank=None if min_rank == 0 else min_rank)
+        tlora = read_any(path, base_weights=base_weight_lookup(model.model), **_overrides(min_rank, exponent))
         patched, _ = apply_tlora(model, tlora, strength, **_overrides(min_rank, exponent))
         return io.NodeOutput(patched, tlora)
 

@@ -43,7 +43,7 @@ class LayerFactors:
         has_base = [t is not None for t in (self.base_down, self.base_up)]
         if any(has_base) and not all(has_base):
             problems.append("only one of base_down / base_up is present")
-        if self.base_down is not None and (self.base_down.shape != self.down.shape or self.base_up.shape != self.up.shape):
+        if all(has_base) and (self.base_down.shape != self.down.shape or self.base_up.shape != self.up.shape):
             problems.append("base factors differ in shape from the trained factors")
         if self.base_scale is not None and self.base_scale.shape != (r,):
             problems.append(f"base_scale has shape {tuple(self.base_scale.shape)}, expected ({r},)")
@@ -122,6 +122,9 @@ def delta_weight(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: O
     their sigma) adding this to W costs out*in*k, far less than the per-token path of masked_delta.
     The trained and frozen products are computed the same way, so dW is exactly zero at init.
     """
+    if mask is not None and mask.numel() != mask.shape[-1]:
+        raise ValueError(f"delta_weight takes one mask row, (r,) or (1, r), got shape {tuple(mask.shape)}; "
+                         f"use masked_delta for a batch whose samples have different t.")
     k = f.rank if active is None else active
     row = None if mask is None else mask.reshape(-1)[:k]
 

@@ -66,9 +66,9 @@ class Schedule:
     max_timestep: int
 
 
-def resolve_targets(model, layer_keys) -> tuple[dict[str, Target], list[str]]:
+def resolve_targets(model, layer_keys, key_map: Optional[dict] = None) -> tuple[dict[str, Target], list[str]]:
     """Map T-LoRA layer keys to modules through ComfyUI's own LoRA key map; returns (found, missing)."""
-    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    key_map = comfy.lora.model_lora_keys_unet(model, {}) if key_map is None else key_map
     found, missing = {}, []
     for key in layer_keys:
         target = key_map.get(key) or key_map.get(f"diffusion_model.{key}")
@@ -185,6 +185,39 @@ class TLoraRuntime:
                 layer.factors = self.tlora.layers[layer.target.layer_key]  # back to the CPU copy
 
 
+FAMILIES = (("sdxl", "SD-XL"), ("sd15", "SD1.x"), ("sd1", "SD1.x"), ("sd2", "SD2.x"), ("sd3", "SD3"),
+            ("flux", "Flux"))
+
+
+def model_family(name: str) -> Optional[str]:
+    """A coarse family for a base-model name (ComfyUI config class or file metadata), None if unknown."""
+    lowered = name.lower().replace("-", "").replace(".", "")
+    return next((family for prefix, family in FAMILIES if lowered.startswith(prefix)), None)
+
+
+def check_family(model, tlora: TLora):
+    """Refuse a T-LoRA whose metadata names another model family than the model it is applied to."""
+    model_name = type(model.model_config).__name__
+    wanted, have = model_family(tlora.config.base_model), model_family(model_name)
+    if wanted and have and wanted != have:
+        raise TLoraError(f"this T-LoRA was made for {wanted} ({tlora.config.base_model}) but the model is "
+                         f"{have} ({model_name}). Load a {wanted} checkpoint, or a T-LoRA trained on this one.")
+
+
+def base_weight_lookup(model):
+    """layer key -> the model's weight (float32, CPU) for readers that rebuild frozen factors from W."""
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+
+    def lookup(layer_key: str) -> Optional[torch.Tensor]:
+        targets, _ = resolve_targets(model, [layer_key], key_map)
+        if layer_key not in targets:
+            return None
+        target = targets[layer_key]
+        weight = model.get_submodule(target.module_path).weight.detach().float().cpu()
+        return weight if target.rows is None else weight[target.rows[0]:target.rows[0] + target.rows[1]]
+    return lookup
+
+
 def check_shapes(model, tlora: TLora, targets: dict[str, Target]):
     """Refuse layers whose factor shapes do not fit the module they resolve to."""
     for key, target in targets.items():
@@ -211,6 +244,7 @@ def apply_tlora(model_patcher, tlora: TLora, strength: float = 1.0, min_rank: Op
         raise TLoraError(f"r_min must be between 1 and the T-LoRA's rank {schedule.rank}, got {schedule.min_rank}.")
     if not schedule.exponent > 0:
         raise TLoraError(f"schedule exponent must be > 0, got {schedule.exponent}.")
+    check_family(model_patcher.model, tlora)
     targets, missing = resolve_targets(model_patcher.model, tlora.layers.keys())
     if not targets:
         raise TLoraError(

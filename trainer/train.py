@@ -99,14 +99,18 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
 
 
 def encode(vae, clip, pixels: torch.Tensor, weights: Optional[torch.Tensor], prompt: str):
-    """Latents, latent-size loss weights and the prompt's conditioning, as ordinary (non-inference) tensors."""
-    latents = vae.encode(pixels).float().clone()
-    lw = None
-    if weights is not None:
-        lw = F.interpolate(weights.unsqueeze(1).float(), size=latents.shape[-2:], mode="area").clone()
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    positive = [[c[0].clone(), {k: (v.clone() if torch.is_tensor(v) else v) for k, v in c[1].items()}]
-                for c in positive]
+    """Latents, latent-size loss weights and the prompt's conditioning, computed once, without gradients.
+
+    Cloned so that they are ordinary tensors even when ComfyUI runs the node in inference mode.
+    """
+    with torch.no_grad():
+        latents = vae.encode(pixels).float().clone()
+        lw = None
+        if weights is not None:
+            lw = F.interpolate(weights.unsqueeze(1).float(), size=latents.shape[-2:], mode="area").clone()
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        positive = [[c[0].clone(), {k: (v.clone() if torch.is_tensor(v) else v) for k, v in c[1].items()}]
+                    for c in positive]
     return latents, lw, positive
 
 

@@ -1,0 +1,107 @@
+"""Node "Train T-LoRA from image": one photo in, a T-LoRA out, on the MODEL ComfyUI already loaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import folder_paths
+from comfy.utils import ProgressBar
+from comfy_api.latest import io
+
+from ..trainer.plot import loss_curve_image
+from ..trainer.runtime import apply_tlora
+from ..trainer.settings import TARGETS, TRAINING_DTYPES, TrainSettings
+from ..trainer.train import train_tlora
+from ..tlora_core.config import ORTHO_INITS, VARIANTS
+from .common import CATEGORY, TLoraType
+
+
+def _progress_reporter(node_id, total: int):
+    """Step counter in the node's progress bar and 'step / loss' text under the node."""
+    bar = ProgressBar(total, node_id=node_id)
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+    except (ImportError, AttributeError):
+        server = None
+
+    def report(step: int, steps: int, loss: float):
+        bar.update_absolute(step, steps)
+        if server is not None and node_id is not None:
+            server.send_progress_text(f"step {step}/{steps}  loss {loss:.4f}", node_id)
+    return report
+
+
+class TLoraTrainFromImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TLoraTrainFromImage", display_name="Train T-LoRA from image", category=CATEGORY,
+            description="Fine-tunes a T-LoRA on one image (or 2-3) inside the graph, on the loaded model. "
+                        "High-noise steps train only the first r_min components, so the subject is learned "
+                        "without copying the photo's background and pose.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to personalise (it is not changed)."),
+                io.Clip.Input("clip", tooltip="Encodes the training prompt (frozen)."),
+                io.Vae.Input("vae", tooltip="Encodes the image once (frozen)."),
+                io.Image.Input("image", tooltip="One image (2-3 for the paper's multi-image setting)."),
+                io.String.Input("trigger", default="sks", tooltip="Rare word that will stand for the subject."),
+                io.String.Input("class_word", default="dog", tooltip="What the subject is (dog, person, mug...)."),
+                io.String.Input("prompt_template", default="a photo of {trigger} {class}",
+                                tooltip="Training prompt; {trigger} and {class} are filled in."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="tlora",
+                               tooltip="tlora: the paper (ortho init + timestep mask). vanilla_tlora: mask only. "
+                                       "ortho_lora: ortho init only. lora: plain LoRA, for comparison."),
+                io.Int.Input("rank", default=64, min=1, max=512, tooltip="Rank r of each adapter (paper: 64)."),
+                io.Int.Input("min_rank", default=32, min=1, max=512,
+                             tooltip="r_min: rank at the highest noise (paper: r/2). Lower = less overfitting."),
+                io.Int.Input("steps", default=800, min=1, max=100000, tooltip="Optimiser steps (paper: 800)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
+                               tooltip="AdamW learning rate (paper: 1e-4)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seeds init, timesteps and noise."),
+                io.String.Input("filename_prefix", default="tlora/tlora",
+                                tooltip="Saved as models/loras/<prefix>_NNNNN.safetensors; never overwrites."),
+                io.Mask.Input("mask", optional=True, tooltip="Optional: white = subject. Weights the loss there."),
+                TLoraType.Input("resume", optional=True, tooltip="Optional: a T-LoRA to continue training."),
+                io.Combo.Input("init", options=list(ORTHO_INITS), default="last",
+                               tooltip="Ortho init components: last (paper), middle, principal."),
+                io.Float.Input("weight_decay", default=1e-4, min=0.0, max=1.0, step=1e-5,
+                               tooltip="AdamW weight decay (paper: 1e-4)."),
+                io.Float.Input("exponent", default=1.0, min=0.05, max=8.0, step=0.05,
+                               tooltip="Bends the rank schedule r(t); 1 is the paper's line."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
+                             tooltip="Training size after centre crop; 0 = from the image, capped at the model's size."),
+                io.Combo.Input("targets", options=list(TARGETS), default="attention",
+                               tooltip="Adapted layers: attention projections (paper) or also feed-forward."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute activations in the backward pass: less memory, ~30% slower."),
+                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
+                               tooltip="auto: bf16 autocast on GPUs that support it, fp32 elsewhere."),
+                io.Int.Input("save_every", default=0, min=0, max=100000,
+                             tooltip="Also save every N steps (0 = only at the end)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the trained T-LoRA applied."),
+                     TLoraType.Output(display_name="TLORA"),
+                     io.String.Output(display_name="file", tooltip="The saved file, relative to models/loras."),
+                     io.Image.Output(display_name="loss_curve")],
+            hidden=[io.Hidden.unique_id])
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, trigger, class_word, prompt_template, variant, rank, min_rank,
+                steps, learning_rate, seed, filename_prefix, mask=None, resume=None, init="last",
+                weight_decay=1e-4, exponent=1.0, resolution=0, targets="attention",
+                gradient_checkpointing=False, training_dtype="auto", save_every=0) -> io.NodeOutput:
+        settings = TrainSettings(
+            variant=variant, rank=rank, min_rank=min_rank, exponent=exponent, init=init, steps=steps,
+            learning_rate=learning_rate, weight_decay=weight_decay, seed=seed, resolution=resolution,
+            targets=targets, gradient_checkpointing=gradient_checkpointing, training_dtype=training_dtype,
+            save_every=save_every, trigger=trigger, class_word=class_word,
+            prompt=prompt_template.replace("{trigger}", trigger).replace("{class}", class_word))
+        loras_dir = folder_paths.get_folder_paths("loras")[0]
+        result = train_tlora(model, clip, vae, image, mask, settings, loras_dir, filename_prefix, resume,
+                             progress=_progress_reporter(cls.hidden.unique_id, steps))
+        patched, _ = apply_tlora(model, result.tlora, 1.0)
+        name = result.saved[-1].relative_to(Path(loras_dir).resolve()).as_posix()
+        return io.NodeOutput(patched, result.tlora, name, loss_curve_image(result.losses))
+
+
+NODES = [TLoraTrainFromImage]

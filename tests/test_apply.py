@@ -1,0 +1,236 @@
+"""Apply T-LoRA on a real ComfyUI model: the prediction equals W + strength * dW(t(sigma)) built by hand."""
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+RANK, MIN_RANK = 8, 4
+
+
+def _tlora(patcher, seed=0, rank=RANK, min_rank=MIN_RANK, variant="tlora"):
+    """A T-LoRA on the tiny model's attention projections, moved away from init so dW != 0."""
+    from tlora_pack.tlora_core.config import TLoraConfig
+    from tlora_pack.tlora_core.format import TLora
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import find_target_layers, new_factors
+
+    layers = find_target_layers(patcher.model.diffusion_model, "attention")
+    settings = TrainSettings(rank=rank, min_rank=min_rank, seed=seed, variant=variant)
+    config = TLoraConfig(rank=rank, min_rank=min_rank, variant=variant, base_model="SD15")
+    factors = new_factors(layers, settings, config.ortho, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed + 100)
+    for f in factors.values():
+        f.down = f.down + 0.05 * torch.randn(f.down.shape, generator=gen)
+        f.up = f.up + 0.05 * torch.randn(f.up.shape, generator=gen)
+        if f.scale is not None:
+            f.scale = f.scale + 0.01 * torch.rand(f.scale.shape, generator=gen)
+    return TLora(config, factors)
+
+
+def _dense_delta(f, keep):
+    """Eq. 6 by hand for a prefix mask keeping `keep` components."""
+    def part(down, up, scale):
+        g = torch.ones(down.shape[0]) if scale is None else scale.clone()
+        g[keep:] = 0
+        return (up * g) @ down
+    dw = part(f.down, f.up, f.scale)
+    if f.base_down is not None:
+        dw -= part(f.base_down, f.base_up, f.base_scale)
+    return dw
+
+
+def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
+    return (rank - min_rank) * (1000 - t) // 1000 + min_rank
+
+
+def _reference_patcher(patcher, deltas_by_key):
+    """A separate model whose weights are W + dW, set by hand (no T-LoRA code involved)."""
+    import comfy.model_patcher
+    model = copy.deepcopy(patcher.model)
+    with torch.no_grad():
+        for key, dw in deltas_by_key.items():
+            model.get_submodule(key).weight += dw.to(model.get_submodule(key).weight.dtype)
+    return comfy.model_patcher.ModelPatcher(model, patcher.load_device, patcher.offload_device)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sd15):
+    patcher, clip, _ = tiny_sd15
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks dog"))
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    return patcher, positive, x
+
+
+@pytest.mark.parametrize("t_index", [0, 1, 250, 500, 998, 999])
+def test_prediction_matches_dense_reference_at_each_sigma(setup, t_index):
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, x = setup
+    tlora = _tlora(patcher)
+    sigma = float(patcher.model.model_sampling.sigmas[t_index])
+    strength = 0.8
+    patched, _ = apply_tlora(patcher, tlora, strength)
+    got = predict_x0(patched, positive, x, sigma)
+    keep = _paper_rank(t_index)
+    ref = _reference_patcher(patcher, {k: strength * _dense_delta(f, keep) for k, f in tlora.layers.items()})
+    want = predict_x0(ref, positive, x, sigma)
+    base = predict_x0(patcher, positive, x, sigma)
+    assert (want - base).norm() / base.norm() > 1e-3, "the T-LoRA must visibly change the prediction"
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_rows_with_different_sigmas_get_their_own_masks(setup):
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, x = setup
+    patched, _ = apply_tlora(patcher, _tlora(patcher), 1.0)
+    sig = patcher.model.model_sampling.sigmas
+    pair = predict_x0(patched, positive, x.repeat(2, 1, 1, 1), torch.stack([sig[999], sig[0]]))
+    high = predict_x0(patched, positive, x, sig[999])
+    low = predict_x0(patched, positive, x, sig[0])
+    # Mixed rows run on activations, single rows on the merged weight: equal up to float rounding.
+    assert (pair[0:1] - high).norm() / high.norm() < 1e-5
+    assert (pair[1:2] - low).norm() / low.norm() < 1e-5
+    assert (high - low).norm() / low.norm() > 1e-3
+
+
+def test_strength_zero_and_unpatched_model_give_the_base_output_exactly(setup):
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, x = setup
+    sigma = float(patcher.model.model_sampling.sigmas[500])
+    before = predict_x0(patcher, positive, x, sigma)
+    zero, _ = apply_tlora(patcher, _tlora(patcher), 0.0)
+    assert torch.equal(predict_x0(zero, positive, x, sigma), before)
+    full, _ = apply_tlora(patcher, _tlora(patcher), 1.0)
+    assert not torch.equal(predict_x0(full, positive, x, sigma), before)
+    assert torch.equal(predict_x0(patcher, positive, x, sigma), before), "the input MODEL must stay unchanged"
+
+
+def test_two_tloras_stack_each_with_its_own_schedule(setup):
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, x = setup
+    first, second = _tlora(patcher, seed=1), _tlora(patcher, seed=2, rank=6, min_rank=2)
+    t = 700
+    sigma = float(patcher.model.model_sampling.sigmas[t])
+    stacked, _ = apply_tlora(patcher, first, 1.0)
+    stacked, _ = apply_tlora(stacked, second, 0.5)
+    got = predict_x0(stacked, positive, x, sigma)
+    deltas = {k: _dense_delta(f, _paper_rank(t)) + 0.5 * _dense_delta(second.layers[k], _paper_rank(t, 6, 2))
+              for k, f in first.layers.items()}
+    want = predict_x0(_reference_patcher(patcher, deltas), positive, x, sigma)
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_stacks_with_an_ordinary_lora_from_loraloader(setup):
+    import comfy.sd
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, x = setup
+    tlora = _tlora(patcher)
+    key = next(iter(tlora.layers))
+    weight = patcher.model.get_submodule(key).weight
+    gen = torch.Generator().manual_seed(5)
+    up, down = 0.05 * torch.randn(weight.shape[0], 2, generator=gen), 0.05 * torch.randn(2, weight.shape[1], generator=gen)
+    lora = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(2.0)}
+    with_lora, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    both, _ = apply_tlora(with_lora, tlora, 1.0)
+    t = 300
+    sigma = float(patcher.model.model_sampling.sigmas[t])
+    deltas = {k: _dense_delta(f, _paper_rank(t)) for k, f in tlora.layers.items()}
+    deltas[key] = deltas[key] + up @ down
+    want = predict_x0(_reference_patcher(patcher, deltas), positive, x, sigma)
+    got = predict_x0(both, positive, x, sigma)
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_flow_models_use_t_equal_1000_sigma():
+    import comfy.model_sampling as ms
+    from tlora_pack.trainer.timesteps import timesteps_from_sigmas
+
+    class Flux(ms.ModelSamplingFlux, ms.CONST):
+        pass
+
+    class SD3(ms.ModelSamplingDiscreteFlow, ms.CONST):
+        pass
+
+    sigma = torch.tensor([1.0, 0.5, 0.25, 0.0])
+    for sampling in (Flux(), SD3()):
+        assert torch.allclose(timesteps_from_sigmas(sampling, sigma), torch.tensor([1000.0, 500.0, 250.0, 0.0]))
+
+
+def test_t_follows_a_model_sampling_replaced_after_apply(setup):
+    """ModelSampling* nodes swap model_sampling through an object patch: the mask must use the new one."""
+    import comfy.model_sampling as ms
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, x = setup
+    patched, runtime = apply_tlora(patcher, _tlora(patcher), 1.0)
+    original = patcher.model.model_sampling
+
+    class Other(ms.ModelSamplingDiscrete, ms.EPS):
+        pass
+
+    other = Other()
+    other._register_schedule(beta_schedule="linear", linear_start=0.0001, linear_end=0.02)
+    patched.add_object_patch("model_sampling", other)
+    seen = []
+    real = runtime.masks_for
+    runtime.masks_for = lambda t, device: seen.append(t.tolist()) or real(t, device)
+    predict_x0(patched, positive, x, float(other.sigmas[300]))
+    old_t = int(original.timestep(other.sigmas[300:301]))
+    assert seen == [[300.0]] and old_t != 300
+
+
+def _stock_lora_at(tlora, keep):
+    """An ordinary LoRA (lora_up/lora_down/alpha) equal to dW at a prefix mask, built by hand."""
+    sd = {}
+    for key, f in tlora.layers.items():
+        g, g0 = f.scale.clone(), f.base_scale.clone()
+        g[keep:], g0[keep:] = 0, 0
+        sd[f"{key}.lora_up.weight"] = torch.cat([f.up * g, -f.base_up * g0], dim=1)
+        sd[f"{key}.lora_down.weight"] = torch.cat([f.down, f.base_down])
+        sd[f"{key}.alpha"] = torch.tensor(float(2 * f.rank))
+    return sd
+
+
+def test_ksampler_run_equals_stock_lora_stepped_at_each_steps_rank(setup):
+    """Euler + CFG over 6 steps with Apply T-LoRA equals 6 single steps, each with ComfyUI's stock LoRA
+    loader holding the update at r(t) of that step's sigma."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, _ = setup
+    negative = positive
+    tlora = _tlora(patcher, seed=3)
+    steps, cfg = 6, 5.0
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
+    patched, _ = apply_tlora(patcher, tlora, 1.0)
+    got = comfy.sample.sample(patched, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                              disable_pbar=True, seed=0)
+
+    sampling = patcher.model.model_sampling
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", steps)
+    x = latent
+    for i in range(steps):
+        keep = _paper_rank(int(sampling.timestep(sigmas[i])))
+        stepped, _ = comfy.sd.load_lora_for_models(patcher, None, _stock_lora_at(tlora, keep), 1.0, 0.0)
+        x = comfy.sample.sample(stepped, noise if i == 0 else torch.zeros_like(noise), steps, cfg, "euler", "normal",
+                                positive, negative, x, disable_noise=i > 0, start_step=i, last_step=i + 1,
+                                force_full_denoise=i == steps - 1, disable_pbar=True, seed=0)
+    base = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                               disable_pbar=True, seed=0)
+    assert (x - base).norm() / base.norm() > 1e-3
+    assert (got - x).norm() / x.norm() < 1e-4

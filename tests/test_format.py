@@ -159,10 +159,10 @@ def vanilla_round_trip_error(tmp_path, storage):
 
 @pytest.mark.parametrize("drift", [0.01, 0.1, 1.0])
 def test_fp16_storage_error_of_the_update_is_small(tmp_path, drift):
-    """fp16 rounds each factor to ~2.4e-4 relative. With base subtraction (Eq. 6) dW is the difference
-    of two products of nearly equal size, so the rounding error relative to dW grows like 1/drift,
-    where drift is how far training moved the factors (relative): measured about 5e-4 / drift
-    (5e-2 at drift 0.01, 6e-3 at 0.1, 9e-4 at 1). fp32 storage is exact (see the round-trip test)."""
+    """With base subtraction (Eq. 6) dW is the difference of two products of nearly equal size. Rounding
+    the trained and frozen factors independently gave errors growing like 5e-4 / drift (5e-2 at drift
+    0.01); 16-bit files store residuals from the frozen factors, so the error stays at fp16 precision
+    (measured 3.9e-4 .. 4.3e-4 for every drift). fp32 storage is exact (see the round-trip test)."""
     tl = small_tlora(drift=drift)
     back = fmt.load_tlora(fmt.save_tlora(tl, tmp_path / "h.safetensors", storage="fp16"))
     worst = 0.0
@@ -172,7 +172,7 @@ def test_fp16_storage_error_of_the_update_is_small(tmp_path, drift):
             err = ((hand_delta(back.layers[key], k) - ref).norm() / ref.norm()).item()
             worst = max(worst, err)
     print(f"fp16 storage, drift {drift}: worst relative Frobenius error of dW = {worst:.2e}")
-    assert worst < 1.5e-3 / drift
+    assert worst < 1e-3
     assert worst > 0  # fp16 really is lossy: this test measures something
 
 

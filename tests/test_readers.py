@@ -310,6 +310,27 @@ def test_unknown_and_truncated_files_are_refused_naming_the_file(tmp_path):
         readers.read_any(cut)
 
 
+def test_a_safetensors_header_length_that_looks_like_a_pickle_is_still_read_as_safetensors(tmp_path):
+    state = ref.sdxl_state(PROCS[:1], RANK, True)
+    path = tmp_path / "checkpoint-1" / "pytorch_lora_weights.safetensors"
+    path.parent.mkdir()
+    for pad in range(400):  # header length is padded to 8 bytes: find one whose low byte is 0x80 (pickle's magic)
+        save_file(state, str(path), metadata={"format": "pt", "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert len(readers.read_any(path).layers) == 4
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_flux_file_in_either_torch_save_format_is_read(tmp_path, zip_format):
+    state = ref.flux_state(double_blocks=1, single_blocks=0, hidden=16, rank=RANK)
+    path = tmp_path / "checkpoint-2" / "lora.pt"
+    path.parent.mkdir()
+    torch.save(state, str(path), _use_new_zipfile_serialization=zip_format)
+    assert len(readers.read_any(path).layers) == 7
+
+
 def test_read_any_dispatches_every_known_format(tmp_path):
     sdxl = ref.write_sdxl_checkpoint(tmp_path / "s", ref.sdxl_state(PROCS, RANK, True), SDXL_HPARAMS)
     flux = ref.write_flux_checkpoint(tmp_path / "f", ref.flux_state(1, 1, 16, RANK), FLUX_HPARAMS)

@@ -47,23 +47,45 @@ class TLora:
         return {key: delta_weight(f, mask) for key, f in self.layers.items()}
 
 
+def stores_residuals(dtype) -> bool:
+    """Half-precision files store trained factors as residuals from the frozen ones (see to_state_dict)."""
+    return dtype != torch.float32
+
+
 def to_state_dict(tlora: TLora, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Flat tensor dict in the file's key layout, contiguous, on the CPU, in the storage dtype."""
+    """Flat tensor dict in the file's key layout, contiguous, on the CPU, in the storage dtype.
+
+    dW is the difference of two nearly equal products (Eq. 6), so rounding the trained and frozen
+    factors independently to 16 bits would cost percent-level error early in training. In 16-bit
+    files a trained factor is stored as its residual (factor - frozen factor) and rebuilt on load as
+    rounded frozen + rounded residual: the rounding of the frozen factor then appears identically in
+    both products, dW keeps 16-bit accuracy relative to itself, and it is exactly zero at init.
+    """
     out = {}
     for layer, f in tlora.layers.items():
-        for name, t in f.tensors().items():
-            out[f"{layer}{KEY_MARK}{name}"] = t.detach().to("cpu", dtype).contiguous()
+        tensors = {name: t.detach().to("cpu", torch.float32) for name, t in f.tensors().items()}
+        for name, t in tensors.items():
+            base = tensors.get(f"base_{name}")
+            if stores_residuals(dtype) and base is not None:
+                t = t - base
+            out[f"{layer}{KEY_MARK}{name}"] = t.to(dtype).contiguous()
     return out
 
 
-def from_state_dict(tensors: dict[str, torch.Tensor], config: TLoraConfig, origin: str = "") -> TLora:
-    """Group `<layer>.tlora_<field>` tensors back into LayerFactors (float32)."""
+def from_state_dict(tensors: dict[str, torch.Tensor], config: TLoraConfig, origin: str = "",
+                    residuals: bool = False) -> TLora:
+    """Group `<layer>.tlora_<field>` tensors back into LayerFactors (float32); undo residual storage."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         layer, mark, name = key.rpartition(KEY_MARK)
         if not mark or name not in TENSOR_FIELDS:
             raise TLoraFormatError(f"unexpected tensor {key!r} in T-LoRA file {origin or '?'}.")
         grouped.setdefault(layer, {})[name] = t.to(torch.float32)
+    if residuals:
+        for parts in grouped.values():
+            for name in list(parts):
+                if f"base_{name}" in parts:
+                    parts[name] = parts[f"base_{name}"] + parts[name]
     layers = {}
     for layer, parts in grouped.items():
         if "down" not in parts or "up" not in parts:
@@ -80,7 +102,8 @@ def from_state_dict(tensors: dict[str, torch.Tensor], config: TLoraConfig, origi
 
 def metadata_for(tlora: TLora, storage: str) -> dict[str, str]:
     return {"tlora.format": FORMAT_NAME, "tlora.format_version": str(FORMAT_VERSION),
-            "tlora.config": tlora.config.to_json(), "tlora.storage": storage, "format": "pt"}
+            "tlora.config": tlora.config.to_json(), "tlora.storage": storage,
+            "tlora.residuals": "1" if stores_residuals(STORAGE_DTYPES[storage]) else "0", "format": "pt"}
 
 
 def write_new_file(path: str | os.PathLike, write) -> Path:
@@ -156,7 +179,7 @@ def parse_tlora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], orig
         raise TLoraFormatError(f"{origin} uses T-LoRA format version {version}; this pack reads up to "
                                f"{FORMAT_VERSION}. Update the pack.")
     config = TLoraConfig.from_json(metadata.get("tlora.config", "{}"))
-    return from_state_dict(tensors, config, origin)
+    return from_state_dict(tensors, config, origin, residuals=metadata.get("tlora.residuals") == "1")
 
 
 def load_tlora(path: str | os.PathLike) -> TLora:

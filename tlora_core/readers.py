@@ -95,8 +95,9 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.is_file():
         raise TLoraFormatError(f"no file at {path}.")
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+        head = fh.read(9)
+    # safetensors: 8-byte header length, then the JSON header; torch.save: a zip archive or a raw pickle
+    if head[8:9] == b"{" or not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
         return read_safetensors(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)

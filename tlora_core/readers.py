@@ -211,9 +211,11 @@ def _make_config(rank: int, settings: _Settings, *, variant: str, base_model: st
             f"{settings.path} says rank {settings.hparams_rank} but the tensors in {origin} have rank {rank}: "
             f"that {HPARAMS_NAME} belongs to another run. Pass hparams=<the right file> or min_rank yourself.")
     chosen_min = min_rank if min_rank is not None else settings.min_rank
-    schedule_from = "argument" if min_rank is not None else settings.origin
+    min_from = "argument" if min_rank is not None else settings.origin
     if chosen_min is None:
-        chosen_min, schedule_from = max(1, rank // 2), "default r_min = rank // 2"
+        chosen_min, min_from = max(1, rank // 2), "default r_min = rank // 2"
+    exp_from = "argument" if exponent is not None else settings.origin
+    schedule_from = min_from if exp_from in (min_from, "default") else f"r_min: {min_from}; exponent: {exp_from}"
     training = {"imported_from": source, "schedule_from": schedule_from, **settings.record}
     try:
         return TLoraConfig(rank=rank, min_rank=chosen_min,

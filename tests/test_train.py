@@ -58,7 +58,7 @@ def test_high_t_trains_only_the_first_r_t_components(tiny_sd15, tmp_path, monkey
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
     monkeypatch.setattr(loop, "draw_timesteps", lambda ms, n, gen: torch.full((n,), 999.0))
-    result = _train(tiny_sd15, tmp_path, rank=8, min_rank=3, steps=2, weight_decay=0.0)
+    result = _train(tiny_sd15, tmp_path, rank=8, min_rank=3, steps=2, weight_decay=0.0, storage="fp32")
     patcher = tiny_sd15[0]
     init = new_factors(find_target_layers(patcher.model.diffusion_model, "attention"),
                        TrainSettings(rank=8, min_rank=3, seed=0), True, torch.device("cpu"))

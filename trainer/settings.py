@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..tlora_core.config import ORTHO_INITS, VARIANTS
 from ..tlora_core.errors import TLoraConfigError
+from ..tlora_core.format import STORAGE_DTYPES
 
 TARGETS = {
     # which Linear layers get an adapter, by the end of their module path
@@ -38,6 +39,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     training_dtype: str = "auto"
     save_every: int = field(default=0, metadata={"help": "also save every N steps; 0 saves at the end only"})
+    storage: str = field(default="fp16", metadata={"help": "number format of the saved file: fp16, bf16, fp32"})
     prompt: str = "a photo of sks dog"
     trigger: str = "sks"
     class_word: str = "dog"
@@ -68,6 +70,8 @@ class TrainSettings:
             bad("targets", f"choose one of {', '.join(TARGETS)}.")
         if self.training_dtype not in TRAINING_DTYPES:
             bad("training_dtype", f"choose one of {', '.join(TRAINING_DTYPES)}.")
+        if self.storage not in STORAGE_DTYPES:
+            bad("storage", f"choose one of {', '.join(STORAGE_DTYPES)}.")
         if self.save_every < 0:
             bad("save_every", "must be >= 0.")
 

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import comfy.model_management as mm
+import comfy.patcher_extension as pe
 
 from ..tlora_core.adapter import TRAINABLE_FIELDS, LayerFactors
 from ..tlora_core.config import TLoraConfig
 from ..tlora_core.errors import TLoraError
-from ..tlora_core.format import TLora, save_tlora
+from ..tlora_core.format import TLora, load_tlora, save_tlora
 from ..tlora_core.init import init_factors
 from .data import prepare_images
 from .files import next_free_path
@@ -30,7 +31,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainResult:
-    tlora: TLora            # trained factors, detached, on the CPU
+    tlora: TLora            # the trained T-LoRA as read back from its final file
     saved: list[Path]       # every file written, oldest first
     losses: list[float]
 
@@ -116,14 +117,48 @@ def encode(vae, clip, pixels: torch.Tensor, weights: Optional[torch.Tensor], pro
 
 @contextlib.contextmanager
 def frozen_base(model: torch.nn.Module):
-    """No gradients for the base model's own weights during training; flags restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.requires_grad_(False)
+    """No gradients for the base model's own weights during training; flags put back afterwards."""
+    flags = [p for p in model.parameters() if not p.is_inference() and p.requires_grad]
+    for p in flags:
+        p.requires_grad_(False)
     try:
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for p in flags:
+            p.requires_grad_(True)
+
+
+def _fresh_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight function that changes nothing: its presence makes ComfyUI's ops copy the weight."""
+    return tensor
+
+
+def inference_weight_copies() -> pe.PatcherInjection:
+    """An injection that lets autograd run through a model loaded in inference mode.
+
+    ComfyUI runs nodes in inference mode, so a model loaded there holds inference tensors, which
+    autograd may not save for backward. For every ComfyUI op whose weight or bias is one, a no-op
+    weight/bias function is added: the op then hands forward a fresh (ordinary) copy. An injection,
+    because ModelPatcher.load resets these lists and re-applies injections afterwards.
+    """
+    added = []
+
+    def inject(patcher):
+        for m in patcher.model.modules():
+            if not hasattr(m, "comfy_cast_weights"):
+                continue
+            for attr, fn_list in (("weight", "weight_function"), ("bias", "bias_function")):
+                t = getattr(m, attr, None)
+                if t is not None and t.is_inference():
+                    setattr(m, fn_list, list(getattr(m, fn_list)) + [_fresh_copy])
+                    added.append((m, fn_list))
+
+    def eject(patcher):
+        for m, fn_list in added:
+            setattr(m, fn_list, [f for f in getattr(m, fn_list) if f is not _fresh_copy])
+        added.clear()
+
+    return pe.PatcherInjection(inject=inject, eject=eject)
 
 
 def resolve_dtype(name: str, device) -> Optional[torch.dtype]:
@@ -155,13 +190,14 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
         else:
             tlora = TLora(config, dict(resume.layers))
         params = make_trainable(tlora, device)
-        patched, _ = apply_tlora(model, tlora, 1.0, move_to_device=False)
+        patched, runtime = apply_tlora(model, tlora, 1.0, move_to_device=False)
+        patched.set_injections(f"{runtime.key}-training", [inference_weight_copies()])
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999),
                                       weight_decay=settings.weight_decay, eps=1e-8)
 
         def save(step: int):
             path = next_free_path(output_folder, prefix, f"{step}steps" if step < settings.steps else "")
-            saved.append(save_tlora(detached_copy(tlora, step, settings), path))
+            saved.append(save_tlora(detached_copy(tlora, step, settings), path, storage=settings.storage))
             logging.info("T-LoRA: saved %s", saved[-1])
 
         def on_step(step: int, loss: float):
@@ -189,7 +225,8 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
             where = f" Last good file: {saved[-1]}." if saved else ""
             raise TLoraError(f"{exc}{where}") from exc
         save(settings.steps)
-    return TrainResult(detached_copy(tlora, settings.steps, settings), saved, losses)
+    # Hand on exactly what the file holds, so sampling now and loading the file later agree bit for bit.
+    return TrainResult(load_tlora(saved[-1]), saved, losses)
 
 
 def check_resume(resume: TLora, config: TLoraConfig, settings: TrainSettings) -> int:

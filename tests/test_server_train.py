@@ -1,0 +1,55 @@
+"""Train T-LoRA from image through a real ComfyUI server's HTTP API, then Load T-LoRA on the saved file."""
+import numpy as np
+from PIL import Image
+
+
+def _sample(model_ref, seed=3):
+    """Prompt, empty 64 px latent, 2 Euler steps, decode, save: nodes 10-16 of an API workflow."""
+    return {
+        "10": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks dog on a beach"}},
+        "11": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "12": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "13": {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "positive": ["10", 0], "negative": ["11", 0], "latent_image": ["12", 0],
+            "seed": seed, "steps": 2, "cfg": 4.0, "sampler_name": "heun", "scheduler": "normal", "denoise": 1.0}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["1", 2]}},
+        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "tlora_test"}},
+    }
+
+
+def _train_workflow():
+    wf = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "tlora_sample.png"}},
+        "3": {"class_type": "TLoraTrainFromImage", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "trigger": "sks",
+            "class_word": "dog", "prompt_template": "a photo of {trigger} {class}", "variant": "tlora",
+            "rank": 4, "min_rank": 2, "steps": 3, "learning_rate": 1e-3, "seed": 0,
+            "filename_prefix": "tlora/http_test", "resolution": 64}},
+    }
+    wf.update(_sample(["3", 0]))
+    return wf
+
+
+def _image_of(server, entry):
+    item = entry["outputs"]["15"]["images"][0]
+    return np.asarray(Image.open(server.output_path(item)))
+
+
+def test_trained_model_and_loaded_file_sample_the_same_image(comfy_server):
+    entry = comfy_server.run(_train_workflow(), timeout=600)
+    file_name = entry["outputs"].get("3", {}).get("text") or None
+    saved = sorted((comfy_server.base_dir / "models" / "loras" / "tlora").glob("http_test_*.safetensors"))
+    assert [p.name for p in saved] == ["http_test_00001.safetensors"], file_name
+    trained_image = _image_of(comfy_server, entry)
+    assert trained_image.shape == (64, 64, 3)
+
+    load = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+            "4": {"class_type": "TLoraLoad", "inputs": {"model": ["1", 0], "tlora_name": "tlora/http_test_00001.safetensors",
+                                                       "strength": 1.0, "min_rank": 0, "exponent": 0.0}}}
+    load.update(_sample(["4", 0]))
+    loaded_image = _image_of(comfy_server, comfy_server.run(load, timeout=300))
+    base = {"1": load["1"], **_sample(["1", 0])}
+    base_image = _image_of(comfy_server, comfy_server.run(base, timeout=300))
+    assert np.array_equal(loaded_image, trained_image)
+    assert not np.array_equal(base_image, trained_image), "the T-LoRA must change the sample"

@@ -76,8 +76,9 @@ class TrainSampler(comfy.samplers.Sampler):
     """A 'sampler' whose sample() runs the optimisation loop and returns the latent unchanged."""
 
     def __init__(self, pixel_weights: Optional[torch.Tensor], batch_size: int, optimizer: torch.optim.Optimizer,
-                 steps: int, seed: int, autocast_dtype: Optional[torch.dtype], hooks: LoopHooks):
+                 steps: int, seed: int, autocast_dtype: Optional[torch.dtype], hooks: LoopHooks, runtime):
         self.pixel_weights, self.batch_size, self.optimizer = pixel_weights, batch_size, optimizer
+        self.runtime = runtime
         self.steps, self.autocast_dtype, self.hooks = steps, autocast_dtype, hooks
         self.generator = torch.Generator(device="cpu").manual_seed(seed + hooks.start_step)
 
@@ -116,6 +117,7 @@ class TrainSampler(comfy.samplers.Sampler):
             raise TLoraError(f"the training loss became {value} (not finite). Lower the learning rate or use "
                              f"training_dtype fp32; the last good T-LoRA file is kept.")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.runtime.replaying_last_call():
+            loss.backward()
         self.optimizer.step()
         return value

@@ -12,6 +12,7 @@ The base weights are never modified and nothing is merged, so unpatching gives t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class TLoraRuntime:
         self.move_to_device = move_to_device
         self.layers = [AdaptedLayer(self, t, tlora.layers[k]) for k, t in targets.items()]
         self.current: Optional[CallMasks] = None
+        self.last: Optional[CallMasks] = None  # masks of the latest call, for gradient-checkpoint replays
 
     def masks_for(self, t: torch.Tensor, device) -> CallMasks:
         s = self.schedule
@@ -155,8 +157,19 @@ class TLoraRuntime:
         model_sampling = executor.class_obj.model_sampling
         timesteps = timesteps_from_sigmas(model_sampling, t, self.schedule.max_timestep)
         previous, self.current = self.current, self.masks_for(timesteps, x.device)
+        self.last = self.current
         try:
             return executor(x, t, *args, **kwargs)
+        finally:
+            self.current = previous
+
+    @contextlib.contextmanager
+    def replaying_last_call(self):
+        """Masks of the latest call in force again: gradient checkpointing re-runs the forward pass
+        inside backward(), after the model call (and its wrapper) has returned."""
+        previous, self.current = self.current, self.last
+        try:
+            yield
         finally:
             self.current = previous
 

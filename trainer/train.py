@@ -76,27 +76,30 @@ def detached_copy(tlora: TLora, steps_done: int, settings: TrainSettings) -> TLo
     return TLora(config=config, layers=layers)
 
 
-@contextlib.contextmanager
-def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
-    """Gradient checkpointing per UNet block: forward is recomputed in backward, activations are not kept.
-
-    Sets an instance `forward` on each block of the model's ModuleLists and removes it on exit.
-    """
-    if not enabled:
-        yield
-        return
+def checkpoint_units(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose forward gets checkpointed: each block of the model's ModuleLists (and its
+    middle block); for Sequential blocks their layers, because ComfyUI's UNet calls those one by one."""
     blocks = [b for child in diffusion_model.children() if isinstance(child, torch.nn.ModuleList) for b in child]
     middle = getattr(diffusion_model, "middle_block", None)
     blocks += [middle] if isinstance(middle, torch.nn.Module) else []
-    for block in blocks:
-        inner = block.forward
-        block.forward = (lambda inner: lambda *a, **k: torch.utils.checkpoint.checkpoint(
-            inner, *a, use_reentrant=False, **k))(inner)
+    return [unit for b in blocks for unit in (list(b.children()) if isinstance(b, torch.nn.Sequential) else [b])]
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing: activations inside each unit are recomputed in backward, not kept.
+
+    Sets an instance `forward` on each unit and removes it on exit.
+    """
+    units = checkpoint_units(diffusion_model) if enabled else []
+    for unit in units:
+        unit.forward = (lambda inner: lambda *a, **k: torch.utils.checkpoint.checkpoint(
+            inner, *a, use_reentrant=False, **k))(unit.forward)
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward
+        for unit in units:
+            del unit.forward
 
 
 def encode(vae, clip, pixels: torch.Tensor, weights: Optional[torch.Tensor], prompt: str):
@@ -209,7 +212,7 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
                           should_save=lambda step: step < settings.steps and settings.save_every > 0
                           and step % settings.save_every == 0)
         sampler = TrainSampler(pixel_weights, settings.batch_size, optimizer, settings.steps, settings.seed,
-                               resolve_dtype(settings.training_dtype, device), hooks)
+                               resolve_dtype(settings.training_dtype, device), hooks, runtime)
         guider = PositiveOnlyGuider(patched)
         guider.set_conds(positive)
         try:

@@ -102,3 +102,13 @@ def comfy_server(comfy, tiny_sd15_checkpoint, sample_image, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _shared_model_left_unpatched():
+    """The session's models are shared: after each test, unload whatever ComfyUI still holds loaded,
+    which unpatches its weights, so no test sees another test's LoRA or T-LoRA patches."""
+    yield
+    mm = sys.modules.get("comfy.model_management")
+    if mm is not None:
+        mm.unload_all_models()

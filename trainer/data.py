@@ -59,6 +59,10 @@ def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution
         return pixels, None
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
+    if mask.dim() == 4 and mask.shape[-1] == 1:  # [N, H, W, 1], as some nodes hand it on
+        mask = mask[..., 0]
+    if mask.dim() != 3:
+        raise TLoraError(f"MASK must be [height, width] or [batch, height, width], got shape {list(mask.shape)}.")
     if tuple(mask.shape[1:]) != (h, w):
         raise TLoraError(f"the MASK is {mask.shape[2]}x{mask.shape[1]} but the IMAGE is {w}x{h}; "
                          f"use a mask made for this image (e.g. from the same LoadImage).")

@@ -8,6 +8,9 @@ from pathlib import Path
 from ..tlora_core.errors import TLoraError
 
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f\\]')
+# names Windows refuses for a file or folder, with or without an extension
+_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
+MAX_PART_BYTES = 200  # file systems allow 255 bytes per name; the rest is room for _<tag>_NNNNN.safetensors
 
 
 def safe_prefix(prefix: str) -> str:
@@ -24,6 +27,19 @@ def safe_prefix(prefix: str) -> str:
     if _BAD_CHARS.search(cleaned):
         raise TLoraError(f"file name prefix {prefix!r} contains characters that file systems refuse "
                          f"(< > : \" | ? * \\ or control characters).")
+    for part in parts:
+        try:
+            size = len(part.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise TLoraError(f"file name prefix {prefix!r} contains characters that cannot be stored in a file "
+                             f"name (unpaired surrogates); retype it.") from None
+        if size > MAX_PART_BYTES:
+            raise TLoraError(f"file name prefix {prefix!r}: a name is {size} bytes long; keep each folder or file "
+                             f"name under {MAX_PART_BYTES} bytes.")
+    for folder in parts[:-1]:  # the last part only starts a file name (<prefix>_NNNNN.safetensors)
+        if _RESERVED.match(folder) or folder[-1] in ". ":
+            raise TLoraError(f"file name prefix {prefix!r}: folder name {folder!r} is refused by Windows (a device "
+                             f"name such as CON or NUL, or a name ending with a dot or a space).")
     return cleaned
 
 

@@ -20,6 +20,14 @@ TARGETS = {
 TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class TrainSettings:
     """The paper's SD-XL recipe as defaults: rank 64, r_min 32, AdamW 1e-4, wd 1e-4, batch 1, 800 steps."""
@@ -56,15 +64,15 @@ class TrainSettings:
             bad("rank", "must be a whole number >= 1.")
         if not isinstance(self.min_rank, int) or not 1 <= self.min_rank <= self.rank:
             bad("min_rank", f"r_min must be between 1 and rank ({self.rank}).")
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not _whole(self.steps) or self.steps < 1:
             bad("steps", "train for at least 1 step.")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        if not (_finite(self.learning_rate) and self.learning_rate > 0):
             bad("learning_rate", "must be a finite number > 0 (the paper uses 1e-4).")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
             bad("weight_decay", "must be a finite number >= 0.")
-        if not (math.isfinite(self.exponent) and self.exponent > 0):
+        if not (_finite(self.exponent) and self.exponent > 0):
             bad("exponent", "must be a finite number > 0.")
-        if self.batch_size < 1:
+        if not _whole(self.batch_size) or self.batch_size < 1:
             bad("batch_size", "must be >= 1.")
         if self.targets not in TARGETS:
             bad("targets", f"choose one of {', '.join(TARGETS)}.")
@@ -72,7 +80,7 @@ class TrainSettings:
             bad("training_dtype", f"choose one of {', '.join(TRAINING_DTYPES)}.")
         if self.storage not in STORAGE_DTYPES:
             bad("storage", f"choose one of {', '.join(STORAGE_DTYPES)}.")
-        if self.save_every < 0:
+        if not _whole(self.save_every) or self.save_every < 0:
             bad("save_every", "must be >= 0.")
 
     def record(self) -> dict:

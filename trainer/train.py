@@ -49,8 +49,8 @@ def find_target_layers(diffusion_model: torch.nn.Module, targets: str) -> dict[s
 
 def new_factors(layers: dict[str, torch.nn.Module], s: TrainSettings, ortho: bool, device) -> dict[str, LayerFactors]:
     """Seeded initial factors per layer, on the training device, float32."""
-    return {key: init_factors(ortho, m.weight.shape[1], m.weight.shape[0], s.rank, s.init, s.seed, key).to(device)
-            for key, m in layers.items()}
+    return {key: init_factors(ortho, m.weight.shape[1], m.weight.shape[0], s.rank, s.init, s.seed, key,
+                              device=device) for key, m in layers.items()}
 
 
 def make_trainable(tlora: TLora, device) -> list[torch.Tensor]:
@@ -120,13 +120,20 @@ def encode(vae, clip, pixels: torch.Tensor, weights: Optional[torch.Tensor], pro
 
 @contextlib.contextmanager
 def frozen_base(model: torch.nn.Module):
-    """No gradients for the base model's own weights during training; flags put back afterwards."""
+    """No gradients for the base model's own weights during training; flags put back afterwards.
+
+    Also raises ComfyUI's `in_training` flag (newer ComfyUI turns off kernels without autograd support
+    when it is set; older versions ignore it).
+    """
     flags = [p for p in model.parameters() if not p.is_inference() and p.requires_grad]
     for p in flags:
         p.requires_grad_(False)
+    was_training = getattr(mm, "in_training", False)
+    mm.in_training = True
     try:
         yield
     finally:
+        mm.in_training = was_training
         for p in flags:
             p.requires_grad_(True)
 

@@ -15,3 +15,8 @@ class TLoraConfigError(TLoraError):
 
 class TLoraFormatError(TLoraError):
     """A file cannot be read as a T-LoRA: not safetensors, corrupt, unknown format or version."""
+
+
+class TLoraSaveError(TLoraError, OSError):
+    """A file could not be written (disk full, no permission, ...). Nothing was written under its name and
+    every file that was there before is untouched. Also an OSError, so callers that handle I/O errors keep working."""

@@ -24,12 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import TENSOR_FIELDS, LayerFactors, delta_weight
 from .config import TLoraConfig
-from .errors import TLoraError, TLoraFormatError
+from .errors import TLoraConfigError, TLoraError, TLoraFormatError, TLoraSaveError
 
 FORMAT_NAME = "comfyui-tlora"
 FORMAT_VERSION = 1
 KEY_MARK = ".tlora_"
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MATRIX_FIELDS = ("down", "up", "base_down", "base_up")  # [r, in] / [out, r]; the other fields are (r,)
 
 
 @dataclass
@@ -80,7 +81,7 @@ def from_state_dict(tensors: dict[str, torch.Tensor], config: TLoraConfig, origi
         layer, mark, name = key.rpartition(KEY_MARK)
         if not mark or name not in TENSOR_FIELDS:
             raise TLoraFormatError(f"unexpected tensor {key!r} in T-LoRA file {origin or '?'}.")
-        grouped.setdefault(layer, {})[name] = t.to(torch.float32)
+        grouped.setdefault(layer, {})[name] = as_float32(t, key, origin or "?")
     if residuals:
         for parts in grouped.values():
             for name in list(parts):
@@ -90,14 +91,36 @@ def from_state_dict(tensors: dict[str, torch.Tensor], config: TLoraConfig, origi
     for layer, parts in grouped.items():
         if "down" not in parts or "up" not in parts:
             raise TLoraFormatError(f"layer {layer!r} in {origin or '?'} lacks its down or up tensor.")
-        try:
-            layers[layer] = LayerFactors(**parts)
-        except TLoraFormatError as exc:
-            raise TLoraFormatError(f"layer {layer!r} in {origin or '?'}: {exc}") from exc
+        layers[layer] = checked_factors(parts, f"layer {layer!r} in {origin or '?'}")
         if layers[layer].rank != config.rank:
             raise TLoraFormatError(f"layer {layer!r} in {origin or '?'} has rank {layers[layer].rank}, "
                                    f"the metadata says {config.rank}.")
     return TLora(config=config, layers=layers)
+
+
+def as_float32(t: torch.Tensor, key: str, origin: str) -> torch.Tensor:
+    """A file's tensor as a dense float32 tensor; complex, quantized or sparse ones are refused."""
+    if t.layout != torch.strided or t.is_quantized or t.is_complex():
+        raise TLoraFormatError(f"{origin}: tensor {key!r} is {t.dtype} / {t.layout}, not a dense real tensor; "
+                               f"the file is corrupt or not a T-LoRA.")
+    return t.to(torch.float32)
+
+
+def checked_factors(parts: dict[str, torch.Tensor], where: str) -> LayerFactors:
+    """LayerFactors of one layer read from a file, refusing what a corrupt file holds: tensors with the wrong
+    number of dimensions, empty ones, NaN or infinite values. `where` names the layer and the file."""
+    for name, t in parts.items():
+        dims = 2 if name in MATRIX_FIELDS else 1
+        if t.dim() != dims or t.numel() == 0:
+            raise TLoraFormatError(f"{where}: {name} has shape {tuple(t.shape)}, expected a non-empty {dims}-D "
+                                   f"tensor; the file is corrupt or not a T-LoRA.")
+        if not bool(torch.isfinite(t).all()):
+            raise TLoraFormatError(f"{where}: {name} holds NaN or infinite values; the file is corrupt or was "
+                                   f"saved from a diverged training run. Use an earlier checkpoint.")
+    try:
+        return LayerFactors(**parts)
+    except TLoraFormatError as exc:
+        raise TLoraFormatError(f"{where}: {exc}") from exc
 
 
 def metadata_for(tlora: TLora, storage: str) -> dict[str, str]:
@@ -115,13 +138,19 @@ def write_new_file(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     if path.exists():
         raise TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _save_error(path, exc) from exc
+    try:
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except (OSError, SafetensorError) as exc:
+            raise _save_error(path, exc) from exc
         try:
             os.link(tmp, path)  # fails if path appeared meanwhile: no overwrite, even in a race
         except FileExistsError:
@@ -134,6 +163,14 @@ def write_new_file(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _save_error(path: Path, exc: BaseException) -> TLoraSaveError:
+    """Why writing `path` failed, and what is left: nothing under that name, earlier files untouched."""
+    err = TLoraSaveError(f"could not write {path} ({exc}). Nothing was written under that name and earlier files "
+                         f"are untouched. Free disk space or choose a folder you may write to, then run again.")
+    err.errno = getattr(exc, "errno", None)
+    return err
 
 
 def save_tlora(tlora: TLora, path: str | os.PathLike, storage: str = "fp32") -> Path:
@@ -155,7 +192,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         with safe_open(str(path), framework="pt") as fh:
             metadata = fh.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors also raises OverflowError, TypeError, ... on bad headers
         raise TLoraFormatError(
             f"{path} is not a readable .safetensors file ({exc}). It may be truncated or of another "
             f"format; download or export it again.") from exc
@@ -178,7 +215,19 @@ def parse_tlora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], orig
     if version > FORMAT_VERSION:
         raise TLoraFormatError(f"{origin} uses T-LoRA format version {version}; this pack reads up to "
                                f"{FORMAT_VERSION}. Update the pack.")
-    config = TLoraConfig.from_json(metadata.get("tlora.config", "{}"))
+    if not tensors:
+        raise TLoraFormatError(f"{origin} is a T-LoRA file without any layers (no tensors); the file is damaged "
+                               f"or was cut short. Use the original file.")
+    if "tlora.config" not in metadata:
+        raise TLoraFormatError(f"{origin}: its metadata has no tlora.config (the T-LoRA's settings); the file was "
+                               f"damaged or re-saved by a tool that drops metadata. Use the original file.")
+    try:
+        config = TLoraConfig.from_json(metadata["tlora.config"])
+    except TLoraConfigError as exc:
+        raise TLoraFormatError(f"{origin}: {exc}") from exc
+    except (TypeError, ValueError, RecursionError) as exc:  # e.g. a list where a name belongs
+        raise TLoraFormatError(f"{origin}: its tlora.config metadata is malformed ({type(exc).__name__}: {exc}); "
+                               f"the file is corrupt.") from exc
     return from_state_dict(tensors, config, origin, residuals=metadata.get("tlora.residuals") == "1")
 
 

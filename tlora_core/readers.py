@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,8 @@ import torch
 from .adapter import LayerFactors
 from .config import ORTHO_INITS, TLoraConfig
 from .errors import TLoraConfigError, TLoraFormatError
-from .format import TLora, is_tlora_metadata, parse_tlora, read_safetensors
+from .format import (FORMAT_NAME, KEY_MARK, TLora, as_float32, checked_factors, is_tlora_metadata, parse_tlora,
+                     read_safetensors)
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +94,17 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = Path(path)
     if not path.is_file():
         raise TLoraFormatError(f"no file at {path}.")
-    with open(path, "rb") as fh:
-        head = fh.read(9)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise TLoraFormatError(f"{path} cannot be read ({exc}).") from exc
     # safetensors: 8-byte header length, then the JSON header; torch.save: a zip archive or a raw pickle
     if head[8:9] == b"{" or not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
         return read_safetensors(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle or zip raises many types (KeyError, struct.error...)
         raise TLoraFormatError(
             f"{path} could not be read as a torch file holding only tensors ({type(exc).__name__}). It is "
             f"corrupt, or it holds Python objects, which are never unpickled here.") from exc
@@ -111,6 +114,7 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise TLoraFormatError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
                                    f"expected a flat state dict.")
+        as_float32(value, key, str(path))  # refuses sparse, quantized and complex tensors
     return dict(obj), {}
 
 
@@ -136,12 +140,13 @@ def read_hparams(path: str | os.PathLike) -> dict:
     try:
         with open(path, "r", encoding="utf-8") as fh:
             data = yaml.load(fh, Loader=_Loader)  # noqa: S506 (SafeLoader subclass)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # ValueError / TypeError / OverflowError: scalars YAML recognises but cannot build (e.g. a date 2024-13-45)
         mark = getattr(exc, "problem_mark", None)
         where = f" near line {mark.line + 1}" if mark is not None else ""
         raise TLoraFormatError(f"{path} is not valid YAML{where}; its text is not shown because the file "
                                f"may hold credentials. Pass min_rank and exponent yourself.") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise TLoraFormatError(f"{path} cannot be read ({type(exc).__name__}).") from None
     if not isinstance(data, dict):
         raise TLoraFormatError(f"{path} is not a mapping of settings.")
@@ -170,7 +175,7 @@ def _settings_from_hparams(hp: dict, hp_path: Path, flux: bool) -> _Settings:
     def number(name, kind):
         try:
             return kind(hp[name])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise TLoraFormatError(f"{hp_path}: field {name} is {hp[name]!r}, not a number.") from None
 
     s = _Settings(origin=HPARAMS_NAME, path=str(hp_path))
@@ -188,7 +193,9 @@ def _settings_from_hparams(hp: dict, hp_path: Path, flux: bool) -> _Settings:
     if hp.get("sig_type") in ORTHO_INITS:
         s.init = hp["sig_type"]
     s.trigger, s.class_word = str(hp.get("placeholder_token", "")), str(hp.get("class_name", ""))
-    s.record = {k: hp[k] for k in ("trainer_type", "trainer_class", "tlora", "sig_type") if k in hp}
+    # plain JSON values only: the record goes into the file's metadata (YAML may give dates, lists, ...)
+    s.record = {k: hp[k] if isinstance(hp[k], (str, int, float, bool)) else str(hp[k])
+                for k in ("trainer_type", "trainer_class", "tlora", "sig_type") if k in hp}
     return s
 
 
@@ -240,10 +247,7 @@ def _factors(parts: dict[str, torch.Tensor], layer: str, origin: str, required=(
     missing = [name for name in required if name not in parts]
     if missing:
         raise TLoraFormatError(f"{origin}: layer {layer!r} lacks its {', '.join(missing)} tensor(s).")
-    try:
-        return LayerFactors(**parts)
-    except TLoraFormatError as exc:
-        raise TLoraFormatError(f"{origin}: layer {layer!r}: {exc}") from exc
+    return checked_factors(parts, f"{origin}: layer {layer!r}")
 
 
 def _common_rank(layers: dict[str, LayerFactors], origin: str) -> int:
@@ -275,7 +279,7 @@ def parse_reference(tensors: dict[str, torch.Tensor], origin: str, flux: bool) -
             raise TLoraFormatError(f"{origin}: {key!r} adapts {proj}, which SD-XL attention does not have.")
         name = ORTHO_FIELDS.get(param) or VANILLA_FIELDS[param]
         kinds.add("ortho" if param in ORTHO_FIELDS else "vanilla")
-        value = t.to(torch.float32)
+        value = as_float32(t, key, origin)
         if name in ("scale", "base_scale"):
             value = _vector(value, key, origin)
         layer = f"transformer.{proc[:-len('.processor')]}.{FLUX_TARGETS[proj]}" if flux else f"{proc}.{proj}"
@@ -363,7 +367,7 @@ def _group_lycoris(tensors: dict[str, torch.Tensor], origin: str) -> dict[str, d
         for suffix, name in LYCORIS_FIELDS.items():
             if key.endswith("." + suffix):
                 layer = key[: -len(suffix) - 1]
-                value = t.to(torch.float32)
+                value = as_float32(t, key, origin)
                 if name in ("down", "up", "base_down", "base_up"):
                     value = _flat_matrix(value, key, origin)
                 elif name in ("scale", "base_scale"):
@@ -412,8 +416,17 @@ def parse_lycoris(tensors: dict[str, torch.Tensor], origin: str, *, base_weights
     """LayerFactors of a LyCORIS algo=tlora state dict, alpha/r folded into the scales."""
     grouped = _group_lycoris(tensors, origin)
     for layer, parts in grouped.items():
-        if "scale" not in parts:
-            raise TLoraFormatError(f"{origin}: layer {layer!r} lacks its lambda_layer tensor.")
+        missing = [name for name in ("down", "up", "scale") if name not in parts]
+        if missing:
+            raise TLoraFormatError(f"{origin}: layer {layer!r} lacks its {', '.join(missing)} tensor(s) "
+                                   f"(q_layer, p_layer, lambda_layer).")
+        if parts["down"].shape[0] == 0 or parts["down"].shape[0] != parts["up"].shape[1]:
+            raise TLoraFormatError(f"{origin}: layer {layer!r}: q_layer {tuple(parts['down'].shape)} and p_layer "
+                                   f"{tuple(parts['up'].shape)} do not share a rank >= 1; the file is corrupt.")
+        alpha = parts.get("alpha")
+        if alpha is not None and (alpha.numel() != 1 or not bool(torch.isfinite(alpha).all())):
+            raise TLoraFormatError(f"{origin}: layer {layer!r}: alpha must be one finite number, got shape "
+                                   f"{tuple(alpha.shape)}; the file is corrupt.")
     _rebuild_lycoris_bases(grouped, base_weights, sig_type, origin)
     layers = {}
     for layer, parts in grouped.items():
@@ -488,10 +501,23 @@ def read_any(path: str | os.PathLike, *, min_rank: Optional[int] = None, exponen
     if kind == FORMAT_LYCORIS:
         return read_lycoris(path, min_rank=min_rank, exponent=exponent, base_weights=base_weights,
                             sig_type=sig_type, base_model=base_model or "")
+    if "tlora.format" in metadata:
+        raise TLoraFormatError(
+            f"{path} says tlora.format = {metadata['tlora.format']!r}; this version of the pack reads "
+            f"{FORMAT_NAME!r} only. Update the pack.")
+    if "tlora.export_format" in metadata:
+        raise TLoraFormatError(
+            f"{path} is an ordinary LoRA exported from a T-LoRA ('Export T-LoRA as LoRA': one rank mask frozen, "
+            f"no schedule). Load it with ComfyUI's LoraLoader (Load LoRA), or load the original T-LoRA file here.")
     if kind == FORMAT_STANDARD_LORA:
         raise TLoraFormatError(
             f"{path} is an ordinary LoRA (key {evidence!r}), not a T-LoRA: it has no rank schedule. Load it with "
-            f"ComfyUI's LoraLoader (Load LoRA) instead.")
+            f"ComfyUI's LoraLoader (Load LoRA) instead. (Conversion goes the other way only: 'Export T-LoRA as "
+            f"LoRA' turns a T-LoRA into such a file.)")
+    if any(KEY_MARK in key for key in tensors):
+        raise TLoraFormatError(
+            f"{path} has this pack's tensor names ({evidence!r}) but no tlora.format metadata: it was re-saved by a "
+            f"tool that drops metadata, and its rank and schedule are lost. Use the file the trainer wrote.")
     raise TLoraFormatError(
         f"{path} is not a T-LoRA file this pack knows (first key {evidence!r}). Known: this pack's files, "
         f"ControlGenAI/T-LoRA checkpoints (pytorch_lora_weights.safetensors, lora.pt) and LyCORIS algo=tlora.")

@@ -189,6 +189,7 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
                          trigger=settings.trigger, class_word=settings.class_word, source="comfyui-tlora trainer",
                          training=settings.record())
     start = check_resume(resume, config, settings) if resume is not None else 0
+    next_free_path(output_folder, prefix)  # refuse a bad file name before training, not after
     saved: list[Path] = []
     losses: list[float] = []
     device = mm.get_torch_device()
@@ -227,14 +228,14 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
                                                                 settings.gradient_checkpointing):
                 guider.sample(torch.zeros_like(latents), latents, sampler, torch.tensor([1.0, 0.0]),
                               seed=settings.seed, disable_pbar=True)
+            save(settings.steps)
         except mm.InterruptProcessingException:
             if losses:  # keep what was learned: a cancelled run still leaves a file
                 save(start + len(losses))
             raise
-        except TLoraError as exc:
-            where = f" Last good file: {saved[-1]}." if saved else ""
+        except (TLoraError, OSError) as exc:
+            where = f" Last good file: {saved[-1]}." if saved else " No file was saved."
             raise TLoraError(f"{exc}{where}") from exc
-        save(settings.steps)
     # Hand on exactly what the file holds, so sampling now and loading the file later agree bit for bit.
     return TrainResult(load_tlora(saved[-1]), saved, losses)
 

@@ -69,3 +69,16 @@ os.replace(staging, dest)
 print(f"setup_env: {len(members)} files in {dest}")
 PY
 fi
+
+# ---- a browser for tests/test_frontend.py (skipped there when none is found) ----------------------------
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+    echo "setup_env: chromium and chromedriver present"
+elif command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+    echo "setup_env: installing chromium and chromium-driver (Debian packages)"
+    { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } ||
+        echo "setup_env: could not install chromium: the browser tests will be skipped"
+else
+    echo "setup_env: no chromium/chromedriver and no root apt-get: the browser tests will be skipped" \
+         "(install them with: sudo apt-get install -y chromium chromium-driver)"
+fi

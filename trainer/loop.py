@@ -115,7 +115,7 @@ class TrainSampler(comfy.samplers.Sampler):
         value = float(loss.detach())
         if not math.isfinite(value):
             raise TLoraError(f"the training loss became {value} (not finite). Lower the learning rate or use "
-                             f"training_dtype fp32; the last good T-LoRA file is kept.")
+                             f"training_dtype fp32.")
         self.optimizer.zero_grad(set_to_none=True)
         with self.runtime.replaying_last_call():
             loss.backward()

@@ -1,0 +1,553 @@
+"""Sampling-step time and peak memory: no LoRA, a standard LoRA (LoraLoader), Apply T-LoRA (issue 3).
+
+All three on a full-size SD1.5-architecture UNet (ComfyUI's SD15 config: model_channels 320,
+channel_mult [1, 2, 4, 4], 2 res blocks, transformer depth 1, context 768; 859.5 M parameters) with
+random weights, through ComfyUI's own KSampler path (`comfy.sample.sample`, euler, CFG 7, so every
+model call is a batch of 2 rows: cond and uncond):
+  none   the bare model;
+  lora   a rank-64 LoRA on the attention projections, loaded by `comfy.sd.load_lora_for_models`
+         (what LoraLoader does: the patch is merged into the weights when the model loads);
+  tlora  Apply T-LoRA (rank 64, r_min 32, variant tlora) on the same layers (to_q/k/v/out of attn1
+         and attn2 of all 16 transformer blocks: 128 Linears).
+Peak memory: each variant alone in a child process (same seeds), so one variant's freed memory
+cannot hide or inflate another's; CPU: peak RSS (psutil, sampled every 2 ms in a thread) minus the
+RSS before the adapter is built; CUDA: torch.cuda.max_memory_allocated minus the allocation then.
+Step time: all variants in ONE child, interleaved round by round on one shared base model, so that
+other load on the machine falls on every variant alike; a step is the gap between KSampler
+callbacks, the first step of every run (loading, patching) is left out; median and best are shown.
+--profile adds where T-LoRA's extra time goes (torch.profiler with labels on the pack's functions)
+and a what-if round with a prototype of a faster weight path (see FusedLayer).
+
+    .venv/bin/python benchmarks/sampling_step.py             # CPU: 32x32 latent (256 px)
+    .venv/bin/python benchmarks/sampling_step.py --profile
+CUDA (when present): fp16 model, 64x64 latent (512 px) unless --latent is given.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_TAG = "BENCH_RESULT "
+RANK, MIN_RANK = 64, 32
+
+# ComfyUI's SD15 UNet (what model_detection reports for an SD1.5 checkpoint).
+SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                 channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                 use_linear_in_transformer=False, context_dim=768, num_heads=8, num_head_channels=-1,
+                 use_spatial_transformer=True, legacy=False, adm_in_channels=None, use_checkpoint=False,
+                 use_temporal_resblock=False, use_temporal_attention=False)
+
+
+def setup_pack():
+    """The repo root as the package `tlora_pack` (its __init__ not run) and ComfyUI on the CPU or CUDA."""
+    if "tlora_pack" not in sys.modules:
+        pack = types.ModuleType("tlora_pack")
+        pack.__path__ = [str(ROOT)]
+        sys.modules["tlora_pack"] = pack
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from support.comfy_env import setup_comfy
+    args = setup_comfy()
+    if torch.cuda.is_available() and os.environ.get("BENCH_DEVICE", "auto") != "cpu":
+        args.cpu = False  # setup_comfy forces the CPU for the tests; the benchmark uses the GPU when there is one
+    import comfy.model_management  # noqa: F401  (reads the flags now)
+
+
+def device_kind() -> str:
+    import comfy.model_management as mm
+    return mm.get_torch_device().type
+
+
+# ---------------------------------------------------------------- model
+
+def random_unet_state_dict(seed: int = 0) -> dict:
+    """Random SD15 UNet weights: matrices/kernels ~ N(0, 1/fan_in), norms identity, other vectors small."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        unet = UNetModel(**SD15_UNET, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    norms = {f"{n}.{p}" if n else p: p for n, m in unet.named_modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for p, _ in m.named_parameters(recurse=False)}
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, param in sorted(unet.named_parameters()):
+        shape = tuple(param.shape)
+        if name in norms:
+            sd[name] = torch.ones(shape) if norms[name] == "weight" else torch.zeros(shape)
+        elif len(shape) >= 2:
+            sd[name] = torch.randn(shape, generator=gen).div_(math.sqrt(math.prod(shape[1:])))
+        else:
+            sd[name] = torch.randn(shape, generator=gen).mul_(0.02)
+    return sd
+
+
+def build_sd15_unet(dtype: torch.dtype, seed: int = 0):
+    """A ModelPatcher of the full-size SD15 UNet, detected and built by ComfyUI itself."""
+    import comfy.sd
+    patcher = comfy.sd.load_diffusion_model_state_dict(random_unet_state_dict(seed), model_options={"dtype": dtype})
+    if patcher is None or type(patcher.model.model_config).__name__ != "SD15":
+        raise RuntimeError("ComfyUI did not detect the random UNet as SD15")
+    gc.collect()
+    return patcher
+
+
+def target_layers(patcher) -> dict[str, torch.nn.Module]:
+    """The 128 attention projections, keyed `diffusion_model.<path>` (the trainer's own finder)."""
+    from tlora_pack.trainer.train import find_target_layers
+    return find_target_layers(patcher.model.diffusion_model, "attention")
+
+
+def random_tlora(layers: dict, seed: int = 1):
+    """A rank-64 T-LoRA (variant tlora, with frozen base factors) whose dW is not zero."""
+    from tlora_pack.tlora_core.adapter import LayerFactors
+    from tlora_pack.tlora_core.config import TLoraConfig
+    from tlora_pack.tlora_core.format import TLora
+    gen = torch.Generator().manual_seed(seed)
+
+    def factors(m):
+        out_f, in_f = m.weight.shape
+        rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+        return LayerFactors(down=rnd(RANK, in_f) / math.sqrt(in_f), up=rnd(out_f, RANK) * 0.01,
+                            scale=rnd(RANK).abs(), base_down=rnd(RANK, in_f) / math.sqrt(in_f),
+                            base_up=rnd(out_f, RANK) * 0.01, base_scale=rnd(RANK).abs())
+    config = TLoraConfig(rank=RANK, min_rank=MIN_RANK, variant="tlora", base_model="SD15", source="benchmark")
+    return TLora(config, {k: factors(m) for k, m in layers.items()})
+
+
+def random_lora(layers: dict, seed: int = 1) -> dict:
+    """A standard kohya-style rank-64 LoRA on the same layers (alpha = rank, so scale 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, m in layers.items():
+        out_f, in_f = m.weight.shape
+        sd[f"{key}.lora_down.weight"] = torch.randn(RANK, in_f, generator=gen) / math.sqrt(in_f)
+        sd[f"{key}.lora_up.weight"] = torch.randn(out_f, RANK, generator=gen) * 0.01
+        sd[f"{key}.alpha"] = torch.tensor(float(RANK))
+    return sd
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------- measuring
+
+class PeakMemory:
+    """Peak memory above a baseline: RSS sampled in a thread on the CPU, the allocator's peak on CUDA."""
+
+    def __init__(self, device: str, interval: float = 0.002):
+        import psutil
+        self.device, self.interval, self.proc = device, interval, psutil.Process()
+        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def current(self) -> int:
+        return torch.cuda.memory_allocated() if self.device == "cuda" else self.proc.memory_info().rss
+
+    def start(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.baseline = self.peak = self.current()
+        if self.device != "cuda":
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        """Peak bytes above the baseline."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.current())
+        return self.peak - self.baseline
+
+
+def make_patchers(base, variants, runtimes: dict) -> tuple[dict, dict]:
+    """{variant: patcher} and {variant: adapter bytes} on one shared base model (ComfyUI clones)."""
+    import comfy.sd
+    from tlora_pack.trainer.runtime import apply_tlora
+    layers = target_layers(base)
+    patchers, sizes = {}, {}
+    for variant in variants:
+        if variant == "none":
+            patchers[variant], sizes[variant] = base, 0
+        elif variant == "lora":
+            lora = random_lora(layers)
+            patchers[variant], _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
+            sizes[variant] = nbytes(lora.values())
+        elif variant == "tlora":
+            tlora = random_tlora(layers)
+            patchers[variant], runtimes[variant] = apply_tlora(base, tlora, 1.0)
+            sizes[variant] = nbytes(t for f in tlora.layers.values() for t in f.tensors().values())
+        else:
+            raise SystemExit(f"unknown variant {variant!r}: use none, lora, tlora")
+    return patchers, sizes
+
+
+def conditioning(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 768, generator=gen), {}]]
+
+
+def sample_once(patcher, latent: int, steps: int, device: str, seed: int = 0):
+    """comfy.sample.sample as KSampler runs it (euler, normal, CFG 7).
+
+    Returns (output, wall seconds per step, process CPU seconds per step); the first entry covers
+    loading / patching plus the first step, the others one step each. CPU time (all threads of this
+    process) does not grow while other programs hold the cores, so it is the steadier figure on a
+    shared machine.
+    """
+    import comfy.sample
+    wall, cpu = [time.perf_counter()], [time.process_time()]
+
+    def callback(step, x0, x, total):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter())
+        cpu.append(time.process_time())
+    latent_image = torch.zeros(1, 4, latent, latent)
+    noise = torch.randn(latent_image.shape, generator=torch.Generator().manual_seed(seed))
+    out = comfy.sample.sample(patcher, noise, steps, 7.0, "euler", "normal", conditioning(1), conditioning(2),
+                              latent_image, callback=callback, disable_pbar=True, seed=seed)
+    return out, gaps(wall), gaps(cpu)
+
+
+def gaps(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def memory_worker(variant: str, latent: int, steps: int) -> dict:
+    """Peak memory of one variant, alone in this process: base model built first, then probe, adapter, sampling."""
+    device = device_kind()
+    base = build_sd15_unet(torch.float16 if device == "cuda" else torch.float32)
+    memory = PeakMemory(device).start()
+    patchers, sizes = make_patchers(base, [variant], {})
+    out, _, _ = sample_once(patchers[variant], latent, steps, device)
+    return {"variant": variant, "peak_bytes": memory.stop(), "adapter_bytes": sizes[variant],
+            "finite": bool(torch.isfinite(out).all())}
+
+
+def timing_worker(variants, latent: int, steps: int, rounds: int, profile: bool) -> dict:
+    """Step times of all variants in one process, interleaved round by round, so that other load on
+    the machine falls on every variant alike. Times per variant: "steps" (wall s), "cpu" (process CPU s),
+    "first" (wall s of each run's first step, loading included)."""
+    device = device_kind()
+    base = build_sd15_unet(torch.float16 if device == "cuda" else torch.float32)
+    runtimes = {}
+    patchers, _ = make_patchers(base, variants, runtimes)
+    times = {v: {"steps": [], "cpu": [], "first": []} for v in variants}
+    outputs = {}
+    for _ in range(rounds):
+        for v in variants:
+            outputs[v], wall, cpu = sample_once(patchers[v], latent, steps, device)
+            times[v]["first"].append(wall[0])
+            times[v]["steps"].extend(wall[1:])
+            times[v]["cpu"].extend(cpu[1:])
+    result = {"device": device, "latent": latent, "steps": steps, "rounds": rounds, "times": times,
+              "threads": torch.get_num_threads()}
+    if profile and {"tlora", "lora"} <= set(variants):
+        result["profile"] = what_if(base, patchers, runtimes["tlora"], outputs["tlora"], latent, steps, device)
+        result["profile"] += "\n" + dispatch_overhead(device)
+        result["profile"] += "\n" + attribution(base, runtimes["tlora"].tlora, latent, device)
+    return result
+
+
+# ---------------------------------------------------------------- profiling (--profile)
+
+class FusedLayer:
+    """PROTOTYPE of a faster weight path, for measurement only (not the pack's code).
+
+    The trained and frozen factors are interleaved once, with the gains folded in:
+    U = [B0 s0 | -B'0 s'0 | B1 s1 | -B'1 s'1 ...] (out x 2r), D = [A0; A'0; A1; A'1 ...] (2r x in),
+    so that for a prefix mask keeping k components dW(t) = U[:, :2k] @ D[:2k] and the weight
+    function is ONE op: addmm(W, U[:, :2k], D[:2k], alpha=strength). With `hybrid`, a layer whose
+    input has few rows (rows * (in + out) < in * out: attn2 to_k/to_v on the 77-token text, the
+    8x8 / 4x4 1280-channel blocks at 256 px) adds U (D x) to its output instead of building dW.
+    """
+
+    def __init__(self, layer, runtime, hybrid: bool):
+        f = layer.factors
+        r, out_f, in_f = f.rank, f.out_features, f.in_features
+        self.layer, self.runtime, self.hybrid = layer, runtime, hybrid
+        self.up = torch.stack([f.up * f.scale, -(f.base_up * f.base_scale)], dim=2).reshape(out_f, 2 * r)
+        self.down = torch.stack([f.down, f.base_down], dim=1).reshape(2 * r, in_f)
+        self.cheap_rows = in_f * out_f / (in_f + out_f)
+        self.on_activations = False
+        self.cache = {}
+
+    def factors(self, device, dtype):
+        if (device, dtype) not in self.cache:
+            self.cache[(device, dtype)] = (self.up.to(device, dtype), self.down.to(device, dtype))
+        return self.cache[(device, dtype)]
+
+    def pre_hook(self, module, args):
+        self.on_activations = self.hybrid and args[0].numel() // args[0].shape[-1] < self.cheap_rows
+
+    def weight_function(self, weight):
+        call = self.runtime.current
+        if call is None or not call.uniform or self.on_activations:
+            return weight
+        up, down = self.factors(weight.device, weight.dtype)
+        k = 2 * call.active
+        return torch.addmm(weight, up[:, :k], down[:k], alpha=self.runtime.strength)
+
+    def forward_hook(self, module, args, output):
+        call = self.runtime.current
+        if call is None or not call.uniform:
+            return type(self.layer).forward_hook(self.layer, module, args, output)
+        if not self.on_activations:
+            return None
+        x = args[0]
+        up, down = self.factors(x.device, x.dtype)
+        k = 2 * call.active
+        return output + torch.nn.functional.linear(torch.nn.functional.linear(x, down[:k]), up[:, :k]) \
+            * self.runtime.strength
+
+
+def prototype_patcher(base, tlora, hybrid: bool):
+    """apply_tlora, then the prototype's hooks set on its layers before they are injected."""
+    from tlora_pack.trainer.runtime import apply_tlora
+    patched, runtime = apply_tlora(base, tlora, 1.0)
+    handles = []
+    for layer in runtime.layers:
+        fused = FusedLayer(layer, runtime, hybrid)
+        layer.weight_function, layer.forward_hook = fused.weight_function, fused.forward_hook
+        module = base.model.get_submodule(layer.target.module_path)
+        handles.append(module.register_forward_pre_hook(fused.pre_hook))
+    return patched, handles
+
+
+def what_if(base, patchers, runtime, tlora_out, latent, steps, device) -> str:
+    """One more interleaved round: standard LoRA, T-LoRA as is, and the two prototypes."""
+    candidates = {"lora": patchers["lora"], "tlora": patchers["tlora"]}
+    handles = []
+    for name, hybrid in (("fused", False), ("fused+hybrid", True)):
+        candidates[name], h = prototype_patcher(base, runtime.tlora, hybrid)
+        handles += h
+    unit = "CPU s/step" if device == "cpu" else "s/step"
+    lines = ["what-if (prototypes of the suggestion, measured in one more interleaved round):"]
+    med = {}
+    try:
+        for name, patcher in candidates.items():
+            out, wall, cpu = sample_once(patcher, latent, steps, device)
+            med[name] = statistics.median(cpu[1:] if device == "cpu" else wall[1:])
+            err = float((out.float() - tlora_out.float()).norm() / tlora_out.float().norm())
+            same = "" if name == "lora" else f"   output vs T-LoRA as is: rel. diff {err:.1e}"
+            lines.append(f"  {name:13} {med[name]:7.3f} {unit}  {med[name] / med['lora']:.3f}x standard LoRA{same}")
+    finally:
+        for h in handles:
+            h.remove()
+    return "\n".join(lines)
+
+
+def dispatch_overhead(device: str, calls: int = 300) -> str:
+    """Per-layer cost of the weight function when the tensors are tiny, i.e. pure op dispatch: what a
+    fast GPU pays on the host for every adapted layer of every model call (SD-XL: 560 layers)."""
+    from tlora_pack.tlora_core.adapter import LayerFactors
+    from tlora_pack.tlora_core.config import TLoraConfig
+    from tlora_pack.tlora_core.format import TLora
+    from tlora_pack.trainer import runtime as rt
+    dev = torch.device(device)
+    f = LayerFactors(*(torch.rand(*s, device=dev) for s in ((RANK, 64), (64, RANK), (RANK,), (RANK, 64), (64, RANK), (RANK,))))
+    tl = TLora(TLoraConfig(rank=RANK, min_rank=MIN_RANK, base_model="SD15"), {"layer": f})
+    runtime = rt.TLoraRuntime(tl, {"layer": rt.Target("layer", "layer")}, 1.0,
+                              rt.Schedule(RANK, MIN_RANK, 1.0, 1000), move_to_device=False)
+    layer = runtime.layers[0]
+    fused = FusedLayer(layer, runtime, hybrid=False)
+    weight = torch.rand(64, 64, device=dev)
+    runtime.current = runtime.masks_for(torch.tensor([500.0, 500.0]), dev)
+    out = {}
+    for name, fn in (("as is", layer.weight_function), ("fused", fused.weight_function),
+                     ("copy only", lambda w: w.clone())):
+        for _ in range(20):
+            fn(weight)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(weight)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - start) / calls * 1e6
+    return ("host cost per adapted layer per model call, tiny 64x64 tensors (dispatch only): weight function as is "
+            f"{out['as is']:.0f} us, fused prototype {out['fused']:.0f} us, a bare copy {out['copy only']:.0f} us; "
+            f"x 560 layers (SD-XL): {out['as is'] * 560 / 1e3:.1f} ms vs {out['fused'] * 560 / 1e3:.1f} ms per call")
+
+
+def attribution(base, tlora, latent, device) -> str:
+    """torch.profiler over 2 steps of a fresh T-LoRA patcher, with labels on the pack's functions."""
+    import comfy.model_management as mm
+    from tlora_pack.trainer import runtime as rt
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(label, fn):
+        def wrapper(*a, **k):
+            with record_function(label):
+                return fn(*a, **k)
+        return wrapper
+    real_cast = mm.cast_to
+
+    def cast_to(weight, *a, **k):
+        if not k.get("copy"):
+            return real_cast(weight, *a, **k)
+        with record_function("comfy: weight copy before weight_function"):
+            return real_cast(weight, *a, **k)
+    labels = {"tlora: weight_function (all)": (rt.AdaptedLayer, "weight_function"),
+              "tlora: forward_hook": (rt.AdaptedLayer, "forward_hook"),
+              "tlora: delta_weight (dW products)": (rt, "delta_weight"),
+              "tlora: APPLY_MODEL wrapper (whole call)": (rt.TLoraRuntime, "apply_model_wrapper"),
+              "tlora: mask build": (rt.TLoraRuntime, "masks_for")}
+    saved = {label: getattr(obj, name) for label, (obj, name) in labels.items()}
+    for label, (obj, name) in labels.items():
+        setattr(obj, name, labelled(label, saved[label]))
+    mm.cast_to = cast_to
+    try:
+        patched, _ = rt.apply_tlora(base, tlora, 1.0)
+        sample_once(patched, latent, 1, device)  # loads (injects) it
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            sample_once(patched, latent, 2, device)
+        mm.unload_all_models()  # ejects while the labelled functions are still the ones injected
+    finally:
+        for label, (obj, name) in labels.items():
+            setattr(obj, name, saved[label])
+        mm.cast_to = real_cast
+    events = {e.key: e for e in prof.key_averages()}
+    calls = events["tlora: APPLY_MODEL wrapper (whole call)"].count
+    whole = events["tlora: APPLY_MODEL wrapper (whole call)"].cpu_time_total / calls / 1e3
+    lines = [f"where T-LoRA's time goes (torch.profiler, CPU time, per model call = batch of 2, "
+             f"{calls} calls; the profiler adds its own overhead):", f"  whole model call   {whole:9.1f} ms"]
+    for label in ("comfy: weight copy before weight_function", *list(labels)[:-2], "tlora: mask build"):
+        if label in events:
+            ms = events[label].cpu_time_total / calls / 1e3
+            lines.append(f"  {label:42} {ms:9.1f} ms ({100 * ms / whole:4.1f} %), "
+                         f"{events[label].count // calls} calls per model call")
+    inner = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    top = sorted(inner, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    lines.append("  top aten ops (self CPU ms per model call): " + ", ".join(
+        f"{e.key[6:]} {e.self_cpu_time_total / calls / 1e3:.0f}" for e in top))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- driver
+
+def run_child(args: list[str], script: str = __file__) -> dict:
+    """Run `script` as a child with `args`; returns its result (the last tagged JSON line)."""
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"child {' '.join(args)} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def mib(b: float) -> float:
+    return b / 2 ** 20
+
+
+def ratio_lines(values: dict, label: str, pairs) -> list[str]:
+    return [f"time ({label}) {name + ':':24} {values[x] / values[y]:.3f}x{goal}"
+            for x, y, name, goal in pairs if x in values and y in values]
+
+
+def report(timing: dict, memory: dict):
+    t = timing["times"]
+    wall = {v: statistics.median(x["steps"]) for v, x in t.items()}
+    cpu = {v: statistics.median(x["cpu"]) for v, x in t.items()}
+    lat = timing["latent"]
+    print(f"\ndevice {timing['device']} ({timing['threads']} threads), latent {lat}x{lat} ({lat * 8} px), batch 2 "
+          f"(cond + uncond), euler; {timing['rounds']} rounds x {timing['steps']} steps per variant, interleaved; "
+          f"the first step of each run is not timed")
+    print(f"{'variant':8} {'wall s/step':>11} {'(min':>6} {'max)':>6} {'CPU s/step':>10} {'n':>3} {'1st step s':>10} "
+          f"{'peak MiB':>9} {'adapter MiB':>11} finite")
+    for v, x in t.items():
+        m = memory.get(v, {})
+        print(f"{v:8} {wall[v]:11.3f} {min(x['steps']):6.2f} {max(x['steps']):6.2f} {cpu[v]:10.3f} "
+              f"{len(x['steps']):3d} {statistics.median(x['first']):10.2f} {mib(m.get('peak_bytes', 0)):9.1f} "
+              f"{mib(m.get('adapter_bytes', 0)):11.1f} {m.get('finite', '?')}")
+    pairs = [("tlora", "lora", "T-LoRA / standard LoRA", "  (goal <= 1.05x)"), ("tlora", "none", "T-LoRA / none", ""),
+             ("lora", "none", "standard LoRA / none", "")]
+    for line in ratio_lines(wall, "wall, median", pairs) + ratio_lines(cpu, "CPU,  median", pairs):
+        print(line)
+    for v, note in (("tlora", "  (goal: <= the adapter's tensors)"), ("lora", "  (+ ComfyUI's backup of patched weights)")):
+        if v in memory and "none" in memory:
+            over = memory[v]["peak_bytes"] - memory["none"]["peak_bytes"]
+            print(f"memory {v} peak - none peak: {mib(over):7.1f} MiB; adapter tensors "
+                  f"{mib(memory[v]['adapter_bytes']):6.1f} MiB{note}")
+    if timing.get("profile"):
+        print("\n" + timing["profile"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default="none,lora,tlora")
+    parser.add_argument("--latent", type=int, default=0, help="latent side; 0: 32 on the CPU, 64 on CUDA")
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps per run (the first is not timed)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the variants")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory run")
+    parser.add_argument("--profile", action="store_true",
+                        help="also break down where T-LoRA's extra time goes (needs the lora and tlora variants)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    if args.worker:
+        setup_pack()
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        latent = args.latent or (64 if device_kind() == "cuda" else 32)
+        if args.worker == "timing":
+            out = timing_worker(variants, latent, args.steps, args.rounds, args.profile)
+        else:
+            out = memory_worker(args.worker, latent, args.memory_steps)
+        print(RESULT_TAG + json.dumps(out), flush=True)
+        return
+    start = time.perf_counter()
+    print(f"load average at start: {load_average()}", flush=True)
+    common = ["--latent", str(args.latent), "--steps", str(args.steps), "--rounds", str(args.rounds),
+              "--memory-steps", str(args.memory_steps), "--variants", args.variants, "--threads", str(args.threads)]
+    memory = {}
+    for v in variants:
+        print(f"-- memory run: {v}", flush=True)
+        memory[v] = run_child(["--worker", v, *common])
+    print("-- timing run: " + ", ".join(variants) + (" + profile" if args.profile else ""), flush=True)
+    timing = run_child(["--worker", "timing", *common, *(["--profile"] if args.profile else [])])
+    report(timing, memory)
+    print(f"\nload average at end: {load_average()}; total wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Training-step time and peak memory: ComfyUI's TrainLoraNode vs this pack's trainer (issue 4).
+
+Three trainers on the same full-size SD1.5-architecture UNet (859.5 M parameters, random weights,
+fp32 on the CPU), rank 64, batch 1, the same image (256 px unless --resolution), AdamW lr 1e-4:
+  native  comfy_extras/nodes_train.py TrainLoraNode (algorithm LoRA; as in its code, an adapter on
+          EVERY weight of 2+ dimensions, convolutions included, plus trained diffs on all 1-D
+          weights and biases). Fed a LIST of two latents, as its dataset nodes produce (a single
+          latent batch crashes 0.3.75 with UnboundLocalError 'multi_res'); batch_size 1 still
+          trains on one latent per step. training_dtype and lora_dtype fp32 (bf16 is ~10x slower
+          on a CPU; the pack's trainer uses fp32 there too). On CUDA: bf16 model and autocast for all.
+  lora    this pack's trainer, variant "lora" (plain LoRA on the attention projections).
+  tlora   this pack's trainer, variant "tlora" (Ortho-LoRA init, frozen base copies, rank mask).
+Gradient checkpointing is the same for all three (--gradient-checkpointing; TrainLoraNode's own
+default is on, the pack's off). CLIP and VAE are the tiny test ones (tests/support/tiny_model.py;
+they run once, to encode).
+Step time: all trainers in ONE child, interleaved round by round, the first step of every run
+(warm-up) left out; wall time and process CPU time (steadier on a shared machine). Peak memory:
+each trainer alone in a child process, peak RSS above the RSS before training (CUDA: allocator peak).
+Then an estimate of the paper's SD-XL recipe (1024 px, rank 64, 800 steps, batch 1) on one
+A100-class GPU, from FLOPs and saved activations counted on the meta device (see sdxl_estimate).
+
+    .venv/bin/python benchmarks/train_step.py                  # ~10 min on 2 idle cores
+    .venv/bin/python benchmarks/train_step.py --gradient-checkpointing on
+    .venv/bin/python benchmarks/train_step.py --estimate-only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sampling_step as common  # noqa: E402  (model build, memory probe, child runner)
+
+RANK, MIN_RANK, LR, PROMPT = 64, 32, 1e-4, "a photo of sks dog"
+
+
+def train_dtype() -> str:
+    """fp32 on a CPU (bf16 there is ~10x slower), bf16 autocast on CUDA, for every trainer alike."""
+    return "bf16" if common.device_kind() == "cuda" else "fp32"
+
+
+def synthetic_image(size: int) -> torch.Tensor:
+    """[1, size, size, 3] in 0..1: a warm disc on a blue-green gradient."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([0.15 + 0.2 * xx, 0.35 + 0.3 * yy, 0.6 - 0.2 * xx], dim=-1)
+    disc = ((xx - 0.4) ** 2 + (yy - 0.45) ** 2) < 0.22 ** 2
+    img[disc] = torch.tensor([0.95, 0.55, 0.15])
+    return img.unsqueeze(0)
+
+
+class Stamps:
+    """Wall and process-CPU time stamps; gaps() gives one entry per step."""
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    def __call__(self, *_):
+        if torch.cuda.is_available() and common.device_kind() == "cuda":
+            torch.cuda.synchronize()
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def gaps(self):
+        return common.gaps(self.wall), common.gaps(self.cpu)
+
+
+def run_native(base, latent, positive, steps: int, checkpointing: bool):
+    """TrainLoraNode.execute called as ComfyUI calls it (is_input_list: every input is a list).
+
+    Returns (wall gaps, cpu gaps, adapter bytes). Steps are stamped at every fwd_bwd start and once
+    at the end, so the gaps cover forward, backward and the optimiser step of each step.
+    """
+    from comfy_extras import nodes_train
+    stamps, real = Stamps(), nodes_train.TrainSampler.fwd_bwd
+
+    def stamped(self, *a, **k):
+        stamps()
+        return real(self, *a, **k)
+    nodes_train.TrainSampler.fwd_bwd = stamped
+    try:
+        out = nodes_train.TrainLoraNode.execute(
+            model=[base], latents=[{"samples": latent}, {"samples": latent.clone()}], positive=[positive],
+            batch_size=[1], grad_accumulation_steps=[1], steps=[steps], learning_rate=[LR], rank=[RANK],
+            optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=[train_dtype()], lora_dtype=["fp32"],
+            algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
+        stamps()
+    finally:
+        nodes_train.TrainSampler.fwd_bwd = real
+    lora_sd = out.args[1]
+    wall, cpu = stamps.gaps()
+    return wall, cpu, common.nbytes(lora_sd.values())
+
+
+def run_pack(base, clip, vae, image, variant: str, steps: int, checkpointing: bool, folder: str):
+    """train_tlora with the paper's settings at rank 64; returns (wall gaps, cpu gaps, adapter bytes)."""
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import train_tlora
+    settings = TrainSettings(variant=variant, rank=RANK, min_rank=MIN_RANK, steps=steps, learning_rate=LR,
+                             resolution=image.shape[1], gradient_checkpointing=checkpointing,
+                             training_dtype=train_dtype(), prompt=PROMPT)
+    stamps = Stamps()
+    result = train_tlora(base, clip, vae, image, None, settings, folder, f"bench/{variant}", progress=stamps)
+    wall, cpu = stamps.gaps()  # stamps at the END of each step: step 0 has no gap, which drops the warm-up
+    return [None] + wall, [None] + cpu, result.tlora.num_values() * 4  # fp32 while training
+
+
+def build(resolution: int, tiny: bool = False):
+    """(base UNet patcher, clip, vae, image, latent, positive conditioning); `tiny`: the test UNet (smoke runs)."""
+    from support.tiny_model import build_tiny_sd15
+    device = common.device_kind()
+    tiny_unet, clip, vae = build_tiny_sd15(dtype=torch.float32)
+    base = tiny_unet if tiny else common.build_sd15_unet(torch.float32 if device == "cpu" else torch.bfloat16)
+    image = synthetic_image(resolution)
+    with torch.no_grad():
+        latent = vae.encode(image).float().clone()
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+    return base, clip, vae, image, latent, positive
+
+
+def run_variant(name, parts, steps, checkpointing, folder):
+    base, clip, vae, image, latent, positive = parts
+    if name == "native":
+        return run_native(base, latent, positive, steps, checkpointing)
+    return run_pack(base, clip, vae, image, name, steps, checkpointing, folder)
+
+
+def memory_worker(name: str, resolution: int, steps: int, checkpointing: bool, tiny: bool) -> dict:
+    parts = build(resolution, tiny)
+    memory = common.PeakMemory(common.device_kind()).start()
+    with tempfile.TemporaryDirectory() as folder:
+        _, _, adapter = run_variant(name, parts, steps, checkpointing, folder)
+    return {"variant": name, "peak_bytes": memory.stop(), "adapter_bytes": adapter}
+
+
+def timing_worker(names, resolution: int, steps: int, rounds: int, checkpointing: bool, tiny: bool) -> dict:
+    parts = build(resolution, tiny)
+    times = {n: {"steps": [], "cpu": []} for n in names}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(rounds):
+            for n in names:
+                wall, cpu, _ = run_variant(n, parts, steps, checkpointing, folder)
+                times[n]["steps"] += wall[1:]
+                times[n]["cpu"] += cpu[1:]
+    return {"device": common.device_kind(), "threads": torch.get_num_threads(), "times": times}
+
+
+# ---------------------------------------------------------------- SD-XL estimate
+
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                 channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_linear_in_transformer=True,
+                 context_dim=2048, num_head_channels=64, adm_in_channels=2816, num_classes="sequential",
+                 use_spatial_transformer=True, legacy=False, use_checkpoint=False,
+                 use_temporal_attention=False, use_temporal_resblock=False)
+ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+
+
+def sdxl_counts(latent: int = 128) -> dict:
+    """FLOPs of one forward and of forward + backward (input gradients only: the base is frozen),
+    bytes kept for backward (bf16, each storage once), and rows / shape of every attention projection,
+    for the SD-XL UNet on the meta device (no memory, no compute)."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        unet = UNetModel(**SDXL_UNET, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+        x = torch.zeros(1, 4, latent, latent, dtype=torch.bfloat16, requires_grad=True)
+        t, ctx, y = torch.zeros(1), torch.zeros(1, 77, 2048, dtype=torch.bfloat16), torch.zeros(1, 2816, dtype=torch.bfloat16)
+    unet.requires_grad_(False)
+    layers, storages = [], {}
+
+    def rows_hook(module, args):
+        layers.append((args[0].numel() // args[0].shape[-1], module.weight.shape[1], module.weight.shape[0]))
+    handles = [m.register_forward_pre_hook(rows_hook) for n, m in unet.named_modules() if n.endswith(ATTN)]
+
+    def keep(tensor):
+        storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = unet(x, t, context=ctx, y=y)
+        forward = counter.get_total_flops()
+        out.float().sum().backward()
+    for h in handles:
+        h.remove()
+    return {"params": sum(p.numel() for p in unet.parameters()), "forward": forward,
+            "fwd_bwd": counter.get_total_flops(), "saved_bytes": sum(storages.values()), "layers": layers}
+
+
+def adapter_flops(layers, k: float, weight_path: bool) -> float:
+    """Extra FLOPs per step of a T-LoRA (trained and frozen products, k components kept) on `layers`.
+
+    weight path (this pack, one t per batch): build dW (2 products, 4 k in out), the dense weight
+    gradient in backward (2 rows in out) and the factor gradients from it (4 k in out).
+    activation path (the reference code): x -> A -> B for trained and frozen factors forward
+    (4 rows k (in + out)), input gradients through both (4 rows k (in + out)), factor gradients of
+    the trained ones (2 rows k (in + out)).
+    """
+    if weight_path:
+        return sum(8 * k * i * o + 2 * rows * i * o for rows, i, o in layers)
+    return sum(10 * rows * k * (i + o) for rows, i, o in layers)
+
+
+def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: int = 800):
+    c = sdxl_counts()
+    k = (RANK + MIN_RANK) / 2  # t uniform in [0, 1000): r(t) averages (r + r_min) / 2
+    adapted = sum(i * o for _, i, o in c["layers"])
+    trainable = sum(RANK * (i + o + 1) for _, i, o in c["layers"])
+    lines = [f"SD-XL UNet: {c['params'] / 1e9:.3f} B parameters; {len(c['layers'])} attention projections, "
+             f"{adapted / 1e6:.0f} M weights adapted; T-LoRA rank {RANK}: {trainable / 1e6:.1f} M trainable "
+             f"(+ as many frozen)",
+             f"FLOPs per step at 1024 px, batch 1 (meta device, torch.utils.flop_counter): forward "
+             f"{c['forward'] / 1e12:.2f} T, forward + input-gradient backward {c['fwd_bwd'] / 1e12:.2f} T"]
+    for name, weight_path in (("this pack (dense dW on the weight)", True), ("reference (on activations)", False)):
+        extra = adapter_flops(c["layers"], k, weight_path)
+        total = c["fwd_bwd"] + extra
+        times = [total * steps / (peak_tflops * 1e12 * u) / 60 for u in utilisation]
+        lines.append(f"  {name:36}: + {extra / 1e12:.2f} T adapter = {total / 1e12:.2f} T/step; "
+                     f"{steps} steps at {peak_tflops:.0f} TFLOP/s x {utilisation[0]:.0%}-{utilisation[1]:.0%}: "
+                     f"{times[1]:.1f}-{times[0]:.1f} min")
+    gib = 2 ** 30
+    weights = c["params"] * 2
+    text_vae = (123.1e6 + 694.7e6) * 2 + 83.7e6 * 4
+    adapters = trainable * 4 * 4 + trainable * 4  # param + grad + 2 AdamW states (fp32), frozen copies
+    w_eff = adapted * 2  # the weight path keeps W + dW (bf16) of every adapted layer for backward
+    saved = c["saved_bytes"]
+    total = weights + text_vae + adapters + saved + w_eff
+    lines += [f"VRAM estimate (bf16 UNet, fp16 CLIP-L + OpenCLIP-bigG, fp32 VAE kept on the GPU, fp32 T-LoRA + AdamW, "
+              f"no gradient checkpointing):",
+              f"  UNet {weights / gib:.1f} + text encoders and VAE {text_vae / gib:.1f} + T-LoRA with grads and AdamW "
+              f"{adapters / gib:.1f} + activations kept for backward {saved / gib:.1f} (counted) + W + dW copies "
+              f"{w_eff / gib:.1f} = {total / gib:.1f} GiB (+ allocator slack, CUDA context ~0.5-1 GiB); "
+              f"without the W + dW copies (activation path) {(total - w_eff) / gib:.1f} GiB",
+              ]
+    implied = (c["fwd_bwd"] + adapter_flops(c["layers"], k, False)) * steps / (30 * 60) / (peak_tflops * 1e12)
+    lines.append(f"The reference code needs about 30 min for these 800 steps: its UNet work alone would then run at "
+                 f"{implied:.1%} of peak, so most of its time goes elsewhere (per-step VAE/text encoding, validation "
+                 f"sampling, checkpoint writes, batch-1 kernel overheads).")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- driver
+
+def report(timing: dict, memory: dict, resolution: int, steps: int, rounds: int, checkpointing: bool, model: str):
+    t = timing["times"]
+    wall = {v: statistics.median(x["steps"]) for v, x in t.items()}
+    cpu = {v: statistics.median(x["cpu"]) for v, x in t.items()}
+    print(f"\ndevice {timing['device']} ({timing['threads']} threads); {model}, {resolution} px, batch 1, "
+          f"rank {RANK}, gradient checkpointing {'on' if checkpointing else 'off'}; {rounds} rounds x {steps} "
+          f"steps per trainer, interleaved, first step of each run not timed")
+    print(f"{'trainer':8} {'wall s/step':>11} {'(min':>6} {'max)':>6} {'CPU s/step':>10} {'n':>3} {'peak MiB':>9} "
+          f"{'adapter MiB':>11}")
+    for v, x in t.items():
+        m = memory.get(v, {})
+        print(f"{v:8} {wall[v]:11.2f} {min(x['steps']):6.2f} {max(x['steps']):6.2f} {cpu[v]:10.2f} {len(x['steps']):3d} "
+              f"{common.mib(m.get('peak_bytes', 0)):9.1f} {common.mib(m.get('adapter_bytes', 0)):11.1f}")
+    pairs = [("tlora", "native", "T-LoRA / native", "  (goal <= 0.8x)"),
+             ("tlora", "lora", "T-LoRA / plain LoRA", "  (goal <= 1.1x)"), ("lora", "native", "plain LoRA / native", "")]
+    for line in common.ratio_lines(wall, "wall, median", pairs) + common.ratio_lines(cpu, "CPU,  median", pairs):
+        print(line)
+    if "tlora" in memory and "native" in memory:
+        r = memory["tlora"]["peak_bytes"] / memory["native"]["peak_bytes"]
+        print(f"memory T-LoRA / native peak: {r:.3f}x  (goal <= 1.0x)")
+    if "tlora" in memory and "lora" in memory:
+        print(f"memory T-LoRA / plain LoRA peak: {memory['tlora']['peak_bytes'] / memory['lora']['peak_bytes']:.3f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trainers", default="native,lora,tlora")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is a warm-up, not timed)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the trainers")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off")
+    parser.add_argument("--estimate-only", action="store_true", help="only the SD-XL estimate (meta device, ~1 min)")
+    parser.add_argument("--tiny-unet", action="store_true", help="the 25.8 M test UNet instead (a smoke run)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    names, ckpt = args.trainers.split(","), args.gradient_checkpointing == "on"
+    common.setup_pack()
+    if args.worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        out = (timing_worker(names, args.resolution, args.steps, args.rounds, ckpt, args.tiny_unet)
+               if args.worker == "timing" else memory_worker(args.worker, args.resolution, args.memory_steps, ckpt,
+                                                             args.tiny_unet))
+        print(common.RESULT_TAG + json.dumps(out), flush=True)
+        return
+    start = time.perf_counter()
+    if not args.estimate_only:
+        print(f"load average at start: {common.load_average()}", flush=True)
+        flags = ["--trainers", args.trainers, "--resolution", str(args.resolution), "--steps", str(args.steps),
+                 "--rounds", str(args.rounds), "--memory-steps", str(args.memory_steps),
+                 "--gradient-checkpointing", args.gradient_checkpointing, "--threads", str(args.threads),
+                 *(["--tiny-unet"] if args.tiny_unet else [])]
+        memory = {}
+        for n in names:
+            print(f"-- memory run: {n}", flush=True)
+            memory[n] = common.run_child(["--worker", n, *flags], script=__file__)
+        print("-- timing run: " + ", ".join(names), flush=True)
+        timing = common.run_child(["--worker", "timing", *flags], script=__file__)
+        model = "tiny test UNet (25.8 M)" if args.tiny_unet else "full SD1.5 UNet (859.5 M)"
+        report(timing, memory, args.resolution, args.steps, args.rounds, ckpt,
+               model + (" fp32" if timing["device"] == "cpu" else " bf16"))
+        print(f"load average at end: {common.load_average()}")
+    print("\n" + sdxl_estimate())
+    print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

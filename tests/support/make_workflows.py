@@ -1,0 +1,252 @@
+"""The pack's example workflows, described once and written in both formats.
+
+    .venv/bin/python tests/support/make_workflows.py   # starts a ComfyUI, writes workflows/
+
+writes workflows/<name>.json (UI format: the templates menu lists these), workflows/<name>.jpg (its
+picture in the templates menu, drawn by the real front end in headless Chromium; --no-thumbnails skips
+it) and workflows/api/<name>.api.json (API format, for scripts; a sub folder so that the templates menu,
+which lists only workflows/*.json, does not offer them). Widget order and sockets come from the real
+server's /object_info, so the files follow the nodes' schemas. The committed values are the paper's
+recipe (rank 64, r_min 32, 800 steps, lr 1e-4, SD-XL at 1024 px, Euler 25 steps CFG 5); tests shrink
+them in a copy at run time.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from support.workflow_format import NodeSpec, WorkflowSpec, build_api, build_ui  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+API_DIR = WORKFLOWS_DIR / "api"
+
+CHECKPOINT = "sd_xl_base_1.0.safetensors"
+IMAGE = "example.png"            # ComfyUI ships input/example.png; replace it with your subject's photo
+TLORA_PREFIX = "tlora/sks_dog"   # the trainer saves models/loras/tlora/sks_dog_00001.safetensors
+TLORA_FILE = TLORA_PREFIX + "_00001.safetensors"
+POSITIVE = "a photo of sks dog on the beach, golden hour"
+NEGATIVE = "blurry, low quality, deformed, watermark, text"
+SAMPLER = {"seed": 42, "seed.control_after_generate": "fixed", "steps": 25, "cfg": 5.0,
+           "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+LATENT = {"width": 1024, "height": 1024, "batch_size": 1}
+PAPER = {"trigger": "sks", "class_word": "dog", "prompt_template": "a photo of {trigger} {class}",
+         "variant": "tlora", "rank": 64, "min_rank": 32, "steps": 800, "learning_rate": 1e-4,
+         "seed": 0, "seed.control_after_generate": "fixed"}
+
+GREEN = {"color": "#232", "bgcolor": "#353"}
+RED = {"color": "#322", "bgcolor": "#533"}
+
+KNOBS = """\
+Knobs of "Train T-LoRA from image" (the paper's values are the defaults)
+- rank (64): components per layer. More = more capacity, bigger file.
+- min_rank = r_min (32): components kept at the noisiest steps. LOWER = more diversity and better prompt
+  following (less copying of the photo's background and pose); HIGHER = more fidelity to the subject.
+  Load / Apply T-LoRA can override it at sampling time, no retraining needed.
+- steps (800), learning_rate (1e-4): the paper's recipe. Too many steps overfit: the photo comes back
+  whatever the prompt says.
+- variant: tlora (paper) | vanilla_tlora (mask only) | ortho_lora (orthogonal init only) | lora (plain LoRA).
+- trigger + class_word make the training prompt "a photo of sks dog": use both words in your prompts.
+- seed is 'fixed': queueing again reuses the trained T-LoRA instead of training again.
+- optional: mask (white = subject), resolution (0 = the image's size, capped at the model's), targets,
+  gradient_checkpointing (less memory, slower), save_every, resume (continue a T-LoRA).
+- strength (on Load / Apply T-LoRA): 0 = the base model exactly, 1 = as trained."""
+
+
+def _note(node_id, pos, size, text):
+    return NodeSpec(node_id, "Note", pos, {"text": text}, size=size)
+
+
+def _sampling(first_id, x, y, model_link, clip_link, vae_link, save_prefix, positive=POSITIVE):
+    """Prompts, latent, KSampler, decode, save: nodes first_id .. first_id+5 and their links."""
+    pos_id, neg_id, lat_id, ks_id, dec_id, save_id = range(first_id, first_id + 6)
+    nodes = [
+        NodeSpec(pos_id, "CLIPTextEncode", (x, y), {"text": positive}, "Positive prompt", (400, 160), **GREEN),
+        NodeSpec(neg_id, "CLIPTextEncode", (x, y + 210), {"text": NEGATIVE}, "Negative prompt", (400, 160), **RED),
+        NodeSpec(lat_id, "EmptyLatentImage", (x, y + 420), dict(LATENT), size=(400, 110)),
+        NodeSpec(ks_id, "KSampler", (x + 450, y), dict(SAMPLER), size=(320, 270)),
+        NodeSpec(dec_id, "VAEDecode", (x + 450, y + 320), size=(320, 50)),
+        NodeSpec(save_id, "SaveImage", (x + 820, y), {"filename_prefix": save_prefix}, "Save samples", (420, 460)),
+    ]
+    links = [(*clip_link, pos_id, "clip"), (*clip_link, neg_id, "clip"),
+             (*model_link, ks_id, "model"), (pos_id, "CONDITIONING", ks_id, "positive"),
+             (neg_id, "CONDITIONING", ks_id, "negative"), (lat_id, "LATENT", ks_id, "latent_image"),
+             (ks_id, "LATENT", dec_id, "samples"), (*vae_link, dec_id, "vae"), (dec_id, "IMAGE", save_id, "images")]
+    return nodes, links
+
+
+def train_and_sample() -> WorkflowSpec:
+    nodes = [
+        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
+        NodeSpec(2, "LoadImage", (40, 190), {"image": IMAGE}, "Subject photo", (320, 360)),
+        NodeSpec(3, "TLoraTrainFromImage", (400, 40), dict(PAPER, filename_prefix=TLORA_PREFIX), size=(340, 640)),
+        NodeSpec(10, "PreviewImage", (400, 730), title="Loss curve", size=(340, 300)),
+        NodeSpec(11, "PreviewAny", (780, 590), title="Saved T-LoRA file", size=(400, 110)),
+        _note(12, (1230, 530), (790, 250), KNOBS),
+        _note(13, (40, 600), (320, 430),
+              "Train a T-LoRA on one photo, then sample with it.\n\n1. Pick your checkpoint (SD-XL as in the "
+              "paper, or SD1.5: then set the latent to 512 x 512).\n2. Load ONE photo of the subject.\n"
+              "3. Queue. Training shows 'step / loss' on its node; the file goes to models/loras/"
+              f"{TLORA_PREFIX}_NNNNN.safetensors.\n4. Change the prompt and queue again: only sampling runs.\n\n"
+              "Reuse the file later with the 'load_and_sample' workflow."),
+    ]
+    sampling, links = _sampling(4, 780, 40, (3, "MODEL"), (1, "CLIP"), (1, "VAE"), "tlora/sample")
+    nodes[3:3] = sampling
+    links = [(1, "MODEL", 3, "model"), (1, "CLIP", 3, "clip"), (1, "VAE", 3, "vae"), (2, "IMAGE", 3, "image"),
+             *links, (3, "loss_curve", 10, "images"), (3, "file", 11, "source")]
+    return WorkflowSpec("train_and_sample", nodes, links)
+
+
+def load_and_sample() -> WorkflowSpec:
+    nodes = [
+        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
+        NodeSpec(2, "TLoraLoad", (40, 190), {"tlora_name": TLORA_FILE, "strength": 1.0, "min_rank": 0,
+                                             "exponent": 0.0}, size=(320, 160)),
+        _note(9, (40, 400), (320, 250),
+              "Sample with a saved T-LoRA.\n\n- tlora_name: a file under models/loras (the trainer's, the "
+              "reference code's SD-XL / FLUX files, LyCORIS tlora).\n- strength: 0 = the base model exactly, "
+              "1 = as trained.\n- min_rank: 0 = the file's r_min. LOWER = more diversity and prompt following, "
+              "HIGHER = more fidelity to the subject.\n- exponent: 0 = the file's; bends the rank schedule."),
+    ]
+    sampling, links = _sampling(3, 400, 40, (2, "MODEL"), (1, "CLIP"), (1, "VAE"), "tlora/loaded")
+    nodes[2:2] = sampling
+    links = [(1, "MODEL", 2, "model"), *links]
+    return WorkflowSpec("load_and_sample", nodes, links)
+
+
+def lora_vs_tlora() -> WorkflowSpec:
+    """One photo trained twice (plain LoRA, T-LoRA), both sampled with the same prompts and seed."""
+    nodes = [
+        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
+        NodeSpec(2, "LoadImage", (40, 190), {"image": IMAGE}, "Subject photo", (320, 360)),
+        NodeSpec(3, "CLIPTextEncode", (400, 40), {"text": POSITIVE}, "Positive prompt", (400, 160), **GREEN),
+        NodeSpec(4, "CLIPTextEncode", (400, 250), {"text": NEGATIVE}, "Negative prompt", (400, 160), **RED),
+        NodeSpec(5, "EmptyLatentImage", (400, 460), dict(LATENT), size=(400, 110)),
+    ]
+    links = [(1, "CLIP", 3, "clip"), (1, "CLIP", 4, "clip")]
+    groups = []
+    for row, (variant, label, first_id) in enumerate((("lora", "LoRA", 10), ("tlora", "T-LoRA", 20))):
+        y = 40 + 760 * row
+        train, ks, dec, save = first_id, first_id + 1, first_id + 2, first_id + 3
+        nodes += [
+            NodeSpec(train, "TLoraTrainFromImage", (880, y),
+                     dict(PAPER, variant=variant, filename_prefix=f"tlora/compare_{variant}"),
+                     f"Train {label}", (340, 640)),
+            NodeSpec(ks, "KSampler", (1260, y), dict(SAMPLER), f"KSampler ({label})", (320, 270)),
+            NodeSpec(dec, "VAEDecode", (1260, y + 320), size=(320, 50)),
+            NodeSpec(save, "SaveImage", (1620, y), {"filename_prefix": f"tlora/compare_{variant}"},
+                     f"{label} samples", (420, 460)),
+        ]
+        links += [(1, "MODEL", train, "model"), (1, "CLIP", train, "clip"), (1, "VAE", train, "vae"),
+                  (2, "IMAGE", train, "image"), (train, "MODEL", ks, "model"), (3, "CONDITIONING", ks, "positive"),
+                  (4, "CONDITIONING", ks, "negative"), (5, "LATENT", ks, "latent_image"),
+                  (ks, "LATENT", dec, "samples"), (1, "VAE", dec, "vae"), (dec, "IMAGE", save, "images")]
+        groups.append({"id": row + 1, "title": f"{label}{' (baseline)' if variant == 'lora' else ''}",
+                       "bounding": [860, y - 50, 1200, 720], "color": ("#3f789e", "#8A8")[row],
+                       "font_size": 24, "flags": {}})
+    nodes += [
+        NodeSpec(30, "ImageBatch", (400, 1010), title="Side by side", size=(400, 50)),
+        NodeSpec(31, "PreviewImage", (400, 1110), title="LoRA | T-LoRA", size=(400, 400)),
+        _note(32, (40, 600), (320, 420),
+              "LoRA vs T-LoRA on the same photo: same rank, steps, learning rate and seed, same prompts and "
+              "sampler seed; only 'variant' differs.\n\nWith one training image a plain LoRA tends to copy "
+              "the photo's background and pose whatever the prompt; T-LoRA keeps the subject and follows the "
+              "prompt better. Try prompts that move the subject: 'sks dog in the snow', 'a watercolor "
+              "painting of sks dog'.\n\nBoth runs train 800 steps: this takes twice as long as one."),
+    ]
+    links += [(12, "IMAGE", 30, "image1"), (22, "IMAGE", 30, "image2"), (30, "IMAGE", 31, "images")]
+    return WorkflowSpec("lora_vs_tlora", nodes, links, groups)
+
+
+def convert_to_lora() -> WorkflowSpec:
+    nodes = [
+        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
+        NodeSpec(2, "TLoraLoad", (400, 40), {"tlora_name": TLORA_FILE, "strength": 1.0, "min_rank": 0,
+                                             "exponent": 0.0}, size=(320, 160)),
+        NodeSpec(3, "TLoraExportLoRA", (760, 40), {"timestep": 0, "rank": 0, "storage": "fp16",
+                                                   "filename_prefix": "tlora/sks_dog_lora"}, size=(340, 170)),
+        NodeSpec(4, "PreviewAny", (1140, 40), title="Saved LoRA file", size=(400, 110)),
+        NodeSpec(5, "PreviewAny", (1140, 190), title="Export report", size=(400, 200)),
+        _note(6, (40, 250), (680, 300),
+              "Export a T-LoRA as an ordinary LoRA (lora_up / lora_down / alpha) for tools without T-LoRA "
+              "support; load it with the stock 'Load LoRA' node.\n\nA standard LoRA has no timestep mask, so "
+              "one timestep's mask is frozen:\n- timestep 0 = full rank (most detail), 999 = r_min only.\n"
+              "- rank 0 = exact (up to 2 x rank components); k > 0 = best rank-k approximation, with its "
+              "error in the report.\n\nThe file goes to models/loras/<filename_prefix>_NNNNN.safetensors."),
+    ]
+    links = [(1, "MODEL", 2, "model"), (2, "TLORA", 3, "tlora"), (3, "file", 4, "source"),
+             (3, "report", 5, "source")]
+    return WorkflowSpec("convert_to_lora", nodes, links)
+
+
+ALL = (train_and_sample, load_and_sample, lora_vs_tlora, convert_to_lora)
+
+
+def specs(object_info: dict) -> list[WorkflowSpec]:
+    """The workflows whose node types the server knows (convert_to_lora needs TLoraExportLoRA)."""
+    out = []
+    for make in ALL:
+        wf = make()
+        if all(n.type in object_info or n.type in ("Note", "MarkdownNote") for n in wf.nodes):
+            out.append(wf)
+    return out
+
+
+def write_all(object_info: dict, folder: Path = WORKFLOWS_DIR) -> list[Path]:
+    written = []
+    (folder / "api").mkdir(parents=True, exist_ok=True)
+    for wf in specs(object_info):
+        for path, data in ((folder / f"{wf.name}.json", build_ui(wf, object_info)),
+                           (folder / "api" / f"{wf.name}.api.json", build_api(wf, object_info))):
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def write_thumbnails(url: str, folder: Path = WORKFLOWS_DIR) -> list[Path]:
+    """workflows/<name>.jpg, the picture the templates browser shows for each workflow: the graph as the
+    front end at `url` draws it (needs Chromium and chromedriver, see support.frontend)."""
+    from support.frontend import FrontEnd, find_chromium
+
+    browser, driver, why_not = find_chromium()
+    if why_not:
+        raise RuntimeError(why_not)
+    fe = FrontEnd(browser, driver).open(url)
+    try:
+        written = []
+        for path in sorted(folder.glob("*.json")):
+            fe.load_workflow(json.loads(path.read_text("utf-8")), path.stem)
+            written.append(fe.thumbnail(path.with_suffix(".jpg")))
+        return written
+    finally:
+        fe.quit()
+
+
+def main(argv=None):
+    import argparse
+    import tempfile
+
+    from support import comfy_env
+    from support.comfy_server import ComfyServer, prepare_base_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-thumbnails", action="store_true", help="write the JSON files only")
+    cli = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tlora-make-workflows-") as tmp:
+        server = ComfyServer(comfy_env.comfyui_dir(), prepare_base_dir(Path(tmp), REPO_ROOT)).start()
+        try:
+            written = write_all(server.object_info())
+            if not cli.no_thumbnails:
+                written += write_thumbnails(server.url)
+        finally:
+            server.stop()
+    for p in written:
+        print(p.relative_to(REPO_ROOT))
+
+
+if __name__ == "__main__":
+    main()

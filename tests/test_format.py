@@ -293,3 +293,14 @@ def test_value_count_and_delta_weights_cover_every_layer():
     dws = tl.delta_weights(torch.tensor([1.0] * 3 + [0.0] * (RANK - 3)))
     for key, f in tl.layers.items():
         torch.testing.assert_close(dws[key].double(), hand_delta(f, 3), atol=1e-5, rtol=1e-5)
+
+
+def test_saved_files_get_the_usual_umask_mode_not_0600(tmp_path):
+    """A ComfyUI running as another user, or a shared models folder, must be able to read the file."""
+    import os
+    umask = os.umask(0o022)
+    try:
+        path = fmt.save_tlora(small_tlora(), tmp_path / "mode.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -149,6 +149,11 @@ def write_new_file(path: str | os.PathLike, write) -> Path:
             write(tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            # mkstemp (and safetensors) create 0600 files; give the usual umask-based mode instead,
+            # so a ComfyUI running as another user or a shared models folder can read the result.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         except (OSError, SafetensorError) as exc:
             raise _save_error(path, exc) from exc
         try:

@@ -11,7 +11,6 @@ TLoraConfig: rank, min_rank, exponent, T, variant, init, base model, trigger, tr
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -240,10 +239,3 @@ def load_tlora(path: str | os.PathLike) -> TLora:
     """Read a file written by save_tlora."""
     tensors, metadata = read_safetensors(path)
     return parse_tlora(tensors, metadata, str(path))
-
-
-def describe(metadata: dict[str, str]) -> str:
-    """One line about a file's settings, for logs and UI."""
-    cfg = json.loads(metadata.get("tlora.config", "{}"))
-    return (f"{cfg.get('variant', '?')} rank {cfg.get('rank', '?')} r_min {cfg.get('min_rank', '?')} "
-            f"base {cfg.get('base_model') or '?'}")

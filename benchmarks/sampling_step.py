@@ -16,7 +16,7 @@ Step time: all variants in ONE child, interleaved round by round on one shared b
 other load on the machine falls on every variant alike; a step is the gap between KSampler
 callbacks, the first step of every run (loading, patching) is left out; median and best are shown.
 --profile adds where T-LoRA's extra time goes (torch.profiler with labels on the pack's functions)
-and a what-if round with a prototype of a faster weight path (see FusedLayer).
+and the host cost of one adapted layer's weight function.
 
     .venv/bin/python benchmarks/sampling_step.py             # CPU: 32x32 latent (256 px)
     .venv/bin/python benchmarks/sampling_step.py --profile
@@ -262,129 +262,38 @@ def timing_worker(variants, latent: int, steps: int, rounds: int, profile: bool)
     runtimes = {}
     patchers, _ = make_patchers(base, variants, runtimes)
     times = {v: {"steps": [], "cpu": [], "first": []} for v in variants}
-    outputs = {}
     for _ in range(rounds):
         for v in variants:
-            outputs[v], wall, cpu = sample_once(patchers[v], latent, steps, device)
+            _, wall, cpu = sample_once(patchers[v], latent, steps, device)
             times[v]["first"].append(wall[0])
             times[v]["steps"].extend(wall[1:])
             times[v]["cpu"].extend(cpu[1:])
     result = {"device": device, "latent": latent, "steps": steps, "rounds": rounds, "times": times,
               "threads": torch.get_num_threads()}
-    if profile and {"tlora", "lora"} <= set(variants):
-        result["profile"] = what_if(base, patchers, runtimes["tlora"], outputs["tlora"], latent, steps, device)
-        result["profile"] += "\n" + dispatch_overhead(device)
+    if profile and "tlora" in variants:
+        result["profile"] = dispatch_overhead(device)
         result["profile"] += "\n" + attribution(base, runtimes["tlora"].tlora, latent, device)
     return result
 
 
 # ---------------------------------------------------------------- profiling (--profile)
 
-class FusedLayer:
-    """PROTOTYPE of a faster weight path, for measurement only (not the pack's code).
-
-    The trained and frozen factors are interleaved once, with the gains folded in:
-    U = [B0 s0 | -B'0 s'0 | B1 s1 | -B'1 s'1 ...] (out x 2r), D = [A0; A'0; A1; A'1 ...] (2r x in),
-    so that for a prefix mask keeping k components dW(t) = U[:, :2k] @ D[:2k] and the weight
-    function is ONE op: addmm(W, U[:, :2k], D[:2k], alpha=strength). With `hybrid`, a layer whose
-    input has few rows (rows * (in + out) < in * out: attn2 to_k/to_v on the 77-token text, the
-    8x8 / 4x4 1280-channel blocks at 256 px) adds U (D x) to its output instead of building dW.
-    """
-
-    def __init__(self, layer, runtime, hybrid: bool):
-        f = layer.factors
-        r, out_f, in_f = f.rank, f.out_features, f.in_features
-        self.layer, self.runtime, self.hybrid = layer, runtime, hybrid
-        self.up = torch.stack([f.up * f.scale, -(f.base_up * f.base_scale)], dim=2).reshape(out_f, 2 * r)
-        self.down = torch.stack([f.down, f.base_down], dim=1).reshape(2 * r, in_f)
-        self.cheap_rows = in_f * out_f / (in_f + out_f)
-        self.on_activations = False
-        self.cache = {}
-
-    def factors(self, device, dtype):
-        if (device, dtype) not in self.cache:
-            self.cache[(device, dtype)] = (self.up.to(device, dtype), self.down.to(device, dtype))
-        return self.cache[(device, dtype)]
-
-    def pre_hook(self, module, args):
-        self.on_activations = self.hybrid and args[0].numel() // args[0].shape[-1] < self.cheap_rows
-
-    def weight_function(self, weight):
-        call = self.runtime.current
-        if call is None or not call.uniform or self.on_activations:
-            return weight
-        up, down = self.factors(weight.device, weight.dtype)
-        k = 2 * call.active
-        return torch.addmm(weight, up[:, :k], down[:k], alpha=self.runtime.strength)
-
-    def forward_hook(self, module, args, output):
-        call = self.runtime.current
-        if call is None or not call.uniform:
-            return type(self.layer).forward_hook(self.layer, module, args, output)
-        if not self.on_activations:
-            return None
-        x = args[0]
-        up, down = self.factors(x.device, x.dtype)
-        k = 2 * call.active
-        return output + torch.nn.functional.linear(torch.nn.functional.linear(x, down[:k]), up[:, :k]) \
-            * self.runtime.strength
-
-
-def prototype_patcher(base, tlora, hybrid: bool):
-    """apply_tlora, then the prototype's hooks set on its layers before they are injected."""
-    from tlora_pack.trainer.runtime import apply_tlora
-    patched, runtime = apply_tlora(base, tlora, 1.0)
-    handles = []
-    for layer in runtime.layers:
-        fused = FusedLayer(layer, runtime, hybrid)
-        layer.weight_function, layer.forward_hook = fused.weight_function, fused.forward_hook
-        module = base.model.get_submodule(layer.target.module_path)
-        handles.append(module.register_forward_pre_hook(fused.pre_hook))
-    return patched, handles
-
-
-def what_if(base, patchers, runtime, tlora_out, latent, steps, device) -> str:
-    """One more interleaved round: standard LoRA, T-LoRA as is, and the two prototypes."""
-    candidates = {"lora": patchers["lora"], "tlora": patchers["tlora"]}
-    handles = []
-    for name, hybrid in (("fused", False), ("fused+hybrid", True)):
-        candidates[name], h = prototype_patcher(base, runtime.tlora, hybrid)
-        handles += h
-    unit = "CPU s/step" if device == "cpu" else "s/step"
-    lines = ["what-if (prototypes of the suggestion, measured in one more interleaved round):"]
-    med = {}
-    try:
-        for name, patcher in candidates.items():
-            out, wall, cpu = sample_once(patcher, latent, steps, device)
-            med[name] = statistics.median(cpu[1:] if device == "cpu" else wall[1:])
-            err = float((out.float() - tlora_out.float()).norm() / tlora_out.float().norm())
-            same = "" if name == "lora" else f"   output vs T-LoRA as is: rel. diff {err:.1e}"
-            lines.append(f"  {name:13} {med[name]:7.3f} {unit}  {med[name] / med['lora']:.3f}x standard LoRA{same}")
-    finally:
-        for h in handles:
-            h.remove()
-    return "\n".join(lines)
-
-
 def dispatch_overhead(device: str, calls: int = 300) -> str:
-    """Per-layer cost of the weight function when the tensors are tiny, i.e. pure op dispatch: what a
-    fast GPU pays on the host for every adapted layer of every model call (SD-XL: 560 layers)."""
+    """Per-layer host cost of the weight function when the tensors are tiny, i.e. pure op dispatch:
+    what a fast GPU pays on the host for every adapted layer of every model call (SD-XL: 560 layers)."""
     from tlora_pack.tlora_core.adapter import LayerFactors
     from tlora_pack.tlora_core.config import TLoraConfig
     from tlora_pack.tlora_core.format import TLora
     from tlora_pack.trainer import runtime as rt
     dev = torch.device(device)
-    f = LayerFactors(*(torch.rand(*s, device=dev) for s in ((RANK, 64), (64, RANK), (RANK,), (RANK, 64), (64, RANK), (RANK,))))
+    f = LayerFactors(*(torch.rand(*s) for s in ((RANK, 64), (64, RANK), (RANK,), (RANK, 64), (64, RANK), (RANK,))))
     tl = TLora(TLoraConfig(rank=RANK, min_rank=MIN_RANK, base_model="SD15"), {"layer": f})
-    runtime = rt.TLoraRuntime(tl, {"layer": rt.Target("layer", "layer")}, 1.0,
-                              rt.Schedule(RANK, MIN_RANK, 1.0, 1000), move_to_device=False)
+    runtime = rt.TLoraRuntime(tl, {"layer": rt.Target("layer", "layer")}, 1.0, rt.Schedule(RANK, MIN_RANK, 1.0, 1000))
     layer = runtime.layers[0]
-    fused = FusedLayer(layer, runtime, hybrid=False)
-    weight = torch.rand(64, 64, device=dev)
+    weight = torch.rand(64, 64, device=dev, dtype=torch.float16 if device == "cuda" else torch.float32)
     runtime.current = runtime.masks_for(torch.tensor([500.0, 500.0]), dev)
     out = {}
-    for name, fn in (("as is", layer.weight_function), ("fused", fused.weight_function),
-                     ("copy only", lambda w: w.clone())):
+    for name, fn in (("weight function", layer.weight_function), ("bare copy", lambda w: w.clone())):
         for _ in range(20):
             fn(weight)
         if device == "cuda":
@@ -395,9 +304,9 @@ def dispatch_overhead(device: str, calls: int = 300) -> str:
         if device == "cuda":
             torch.cuda.synchronize()
         out[name] = (time.perf_counter() - start) / calls * 1e6
-    return ("host cost per adapted layer per model call, tiny 64x64 tensors (dispatch only): weight function as is "
-            f"{out['as is']:.0f} us, fused prototype {out['fused']:.0f} us, a bare copy {out['copy only']:.0f} us; "
-            f"x 560 layers (SD-XL): {out['as is'] * 560 / 1e3:.1f} ms vs {out['fused'] * 560 / 1e3:.1f} ms per call")
+    return (f"host cost per adapted layer per model call, tiny 64x64 weight (dispatch only): weight function "
+            f"{out['weight function']:.0f} us, a bare copy {out['bare copy']:.0f} us; x 560 layers (SD-XL): "
+            f"{out['weight function'] * 560 / 1e3:.1f} ms per model call")
 
 
 def attribution(base, tlora, latent, device) -> str:
@@ -420,7 +329,8 @@ def attribution(base, tlora, latent, device) -> str:
             return real_cast(weight, *a, **k)
     labels = {"tlora: weight_function (all)": (rt.AdaptedLayer, "weight_function"),
               "tlora: forward_hook": (rt.AdaptedLayer, "forward_hook"),
-              "tlora: delta_weight (dW products)": (rt, "delta_weight"),
+              "tlora: stacked factors (per call, CPU)": (rt, "stacked_factors"),
+              "tlora: dW x on activations": (rt, "stacked_delta"),
               "tlora: APPLY_MODEL wrapper (whole call)": (rt.TLoraRuntime, "apply_model_wrapper"),
               "tlora: mask build": (rt.TLoraRuntime, "masks_for")}
     saved = {label: getattr(obj, name) for label, (obj, name) in labels.items()}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tlora_pack.tlora_core import init
-from tlora_pack.tlora_core.adapter import LayerFactors, delta_weight, masked_delta
+from tlora_pack.tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weight, masked_delta,
+                                           stack_width, stacked_factors)
 from tlora_pack.tlora_core.errors import TLoraFormatError
 
 IN, OUT, R = 10, 7, 6
@@ -196,3 +197,26 @@ def test_factors_report_their_shape_and_convert_dtype():
     h = f.to(dtype=torch.float16)
     assert set(h.tensors()) == set(f.tensors())
     assert all(t.dtype == torch.float16 for t in h.tensors().values())
+
+
+@pytest.mark.parametrize("base,scale", [(True, True), (False, True), (False, False), (True, False)])
+def test_stacked_factors_prefix_is_the_delta_of_the_first_k_components(base, scale):
+    f = random_factors(21, base=base, scale=scale)
+    left, right = stacked_factors(f, dtype=torch.float64)
+    c = stack_width(f)
+    assert left.shape == (OUT, c * R) and right.shape == (c * R, IN)
+    for k in range(R + 1):
+        torch.testing.assert_close(left[:, :c * k] @ right[:c * k], dense_delta(f, prefix(k)))
+        sub_left, sub_right = stacked_factors(f, k, torch.float64)
+        assert torch.equal(sub_left, left[:, :c * k]) and torch.equal(sub_right, right[:c * k])
+
+
+def test_cost_rule_picks_activations_for_few_rows_and_weights_for_many():
+    # Cross-attention value on 77 text tokens x 2 (CFG), 768 -> 1280, 2 x 48 stacked columns.
+    assert activations_cheaper(154, 768, 1280, 96, with_grad=False)
+    # Self-attention at a 64x64 latent: 8192 rows, 320 -> 320.
+    assert not activations_cheaper(8192, 320, 320, 96, with_grad=False)
+    # 512 rows, 640 -> 640: 2*512*96*1280 = 126 M on activations vs 2*96*640^2 = 79 M on the weight;
+    # training adds the dense weight gradient (2*512*640^2 = 419 M) to the weight path and flips it.
+    assert not activations_cheaper(512, 640, 640, 96, with_grad=False)
+    assert activations_cheaper(512, 640, 640, 96, with_grad=True)

@@ -63,8 +63,31 @@ def setup(tiny_sd15):
     return patcher, positive, x
 
 
+@pytest.fixture(params=["weight", "activations", "cost rule"])
+def path(request, monkeypatch):
+    """Which way uniform calls add dW: forced onto the weight, forced onto the activations, or the
+    FLOP rule; yields a counter of activation-path deltas so a test can check the path was taken."""
+    from tlora_pack.trainer import runtime as rt
+    if request.param != "cost rule":
+        monkeypatch.setattr(rt, "activations_cheaper", lambda *a: request.param == "activations")
+    calls = []
+    real = rt.stacked_delta
+    monkeypatch.setattr(rt, "stacked_delta", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return request.param, calls
+
+
+def _predict_on(path, patched, positive, x, sigma):
+    """The prediction, checking that the path asked for was taken."""
+    from support.predict import predict_x0
+    name, calls = path
+    calls.clear()
+    out = predict_x0(patched, positive, x, sigma)
+    assert (len(calls) > 0) == (name != "weight"), f"{name} path not taken"
+    return out
+
+
 @pytest.mark.parametrize("t_index", [0, 1, 250, 500, 998, 999])
-def test_prediction_matches_dense_reference_at_each_sigma(setup, t_index):
+def test_prediction_matches_dense_reference_at_each_sigma(setup, path, t_index):
     from support.predict import predict_x0
     from tlora_pack.trainer.runtime import apply_tlora
 
@@ -73,13 +96,32 @@ def test_prediction_matches_dense_reference_at_each_sigma(setup, t_index):
     sigma = float(patcher.model.model_sampling.sigmas[t_index])
     strength = 0.8
     patched, _ = apply_tlora(patcher, tlora, strength)
-    got = predict_x0(patched, positive, x, sigma)
+    got = _predict_on(path, patched, positive, x, sigma)
     keep = _paper_rank(t_index)
     ref = _reference_patcher(patcher, {k: strength * _dense_delta(f, keep) for k, f in tlora.layers.items()})
     want = predict_x0(ref, positive, x, sigma)
     base = predict_x0(patcher, positive, x, sigma)
     assert (want - base).norm() / base.norm() > 1e-3, "the T-LoRA must visibly change the prediction"
     assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_untrained_tlora_leaves_every_prediction_exactly_unchanged(setup, path):
+    """Eq. 6 at step 0: the frozen initial product cancels exactly, on either path, at every t."""
+    from support.predict import predict_x0
+    from tlora_pack.tlora_core.config import TLoraConfig
+    from tlora_pack.tlora_core.format import TLora
+    from tlora_pack.trainer.runtime import apply_tlora
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import find_target_layers, new_factors
+
+    patcher, positive, x = setup
+    layers = find_target_layers(patcher.model.diffusion_model, "attention")
+    config = TLoraConfig(rank=RANK, min_rank=MIN_RANK, base_model="SD15")
+    tlora = TLora(config, new_factors(layers, TrainSettings(rank=RANK, min_rank=MIN_RANK), True, torch.device("cpu")))
+    patched, _ = apply_tlora(patcher, tlora, 1.0)
+    for t_index in (0, 500, 999):
+        sigma = float(patcher.model.model_sampling.sigmas[t_index])
+        assert torch.equal(_predict_on(path, patched, positive, x, sigma), predict_x0(patcher, positive, x, sigma))
 
 
 def test_rows_with_different_sigmas_get_their_own_masks(setup):

@@ -6,7 +6,9 @@ with A = `down` [r, in], B = `up` [out, r], S = `scale` [r] (ones when absent), 
 Eq. 5, and A0, B0, S0 the frozen initial factors (absent for the non-orthogonal variants, whose up
 factor starts at zero). The base weight W is never modified: the update is applied to activations,
 y = W x + strength · dW(t) x: either as a dense dW(t) added to W for a batch that shares one t
-(delta_weight), or on activations with one mask per sample (masked_delta).
+(delta_weight), or on activations (masked_delta, one mask per sample), whichever costs less
+(activations_cheaper). Both go through one factored form, stacked_factors, that is exactly zero at
+initialisation.
 """
 from __future__ import annotations
 
@@ -77,22 +79,54 @@ class LayerFactors:
                                for f in fields(self)})
 
 
-def _gains(scale: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
-    """S ⊙ m as (k,) or (batch, k); None when both are absent (all ones)."""
-    if scale is None:
-        return None if mask is None else mask.to(dtype)
-    scale = scale.to(dtype)
-    return scale if mask is None else scale * mask.to(dtype)
+def stacked_factors(f: LayerFactors, active: Optional[int] = None,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left [out, c*k], right [c*k, in]) with dW of the first k = `active` components = left @ right.
+
+    Without frozen factors c = 1: left = B diag(S), right = A. With them c = 2 and Eq. 6 is split as
+        B S A - B0 S0 A0 = (B S - B0 S0) A + B0 S0 (A - A0),
+    component j giving the columns 2j (B S - B0 S0)_j, 2j+1 (B0 S0)_j of left and the rows 2j A_j,
+    2j+1 (A - A0)_j of right. While the factors equal their init every product term is exactly zero, so
+    dW is exactly 0 at step 0 whatever the summation order of the matmul (one GEMM, not two that
+    cancel), and a trained T-LoRA's small update is not the difference of two large products. The
+    layout is interleaved so that the first k components are a prefix: left[:, :c*k], right[:c*k].
+    Differences are taken in float32 (or the wider `dtype`), then cast to `dtype`.
+    """
+    k = f.rank if active is None else active
+    work = torch.promote_types(torch.float32, dtype)
+
+    def scaled(up, scale):
+        up = up[:, :k].to(work)
+        return up if scale is None else up * scale[:k].to(work)
+
+    up, down = scaled(f.up, f.scale), f.down[:k].to(work)
+    if not f.has_base:
+        return up.to(dtype), down.to(dtype)
+    up0 = scaled(f.base_up, f.base_scale)
+    left = torch.stack([up - up0, up0], dim=2).reshape(up.shape[0], 2 * k)
+    right = torch.stack([down, down - f.base_down[:k].to(work)], dim=1).reshape(2 * k, down.shape[1])
+    return left.to(dtype), right.to(dtype)
 
 
-def _low_rank(x, down, up, gains):
-    """up · diag(gains) · down · x for x [batch, ..., in]; gains is (k,), (batch, k) or None."""
-    h = F.linear(x, down)
-    if gains is not None:
+def stack_width(f: LayerFactors) -> int:
+    """Columns of `left` per component: 2 with frozen factors, else 1."""
+    return 2 if f.has_base else 1
+
+
+def stacked_delta(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, width: int,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """left · diag(mask) · right · x for x [batch, ..., in], from stacked_factors' output.
+
+    mask: None, (k,) or (batch, k) over the k components in left/right; each component's `width`
+    stacked columns share its entry.
+    """
+    h = F.linear(x, right)
+    if mask is not None:
+        gains = mask.to(h.dtype).repeat_interleave(width, dim=-1)
         if gains.dim() == 2:
             gains = gains.reshape(gains.shape[0], *([1] * (h.dim() - 2)), gains.shape[1])
         h = h * gains
-    return F.linear(h, up)
+    return F.linear(h, left)
 
 
 def masked_delta(x: torch.Tensor, f: LayerFactors, mask: Optional[torch.Tensor] = None,
@@ -100,18 +134,12 @@ def masked_delta(x: torch.Tensor, f: LayerFactors, mask: Optional[torch.Tensor] 
     """dW(t) · x of Eq. 6 for a batch: mask is None (full rank), (r,) or (batch, r), one row per sample.
 
     `active` is the largest rank any row keeps: the masks are prefix masks, so components past it
-    are zero for every row and are skipped, which makes high-noise steps cheaper. The trained and the
-    frozen products run as two identical passes, so the result is exactly zero at initialisation.
+    are zero for every row and are skipped, which makes high-noise steps cheaper. Exactly zero at
+    initialisation (see stacked_factors).
     """
     k = f.rank if active is None else active
-    mask = None if mask is None else mask[..., :k]
-    dtype = x.dtype
-    out = _low_rank(x, f.down[:k].to(dtype), f.up[:, :k].to(dtype),
-                    _gains(None if f.scale is None else f.scale[:k], mask, dtype))
-    if f.has_base:
-        out = out - _low_rank(x, f.base_down[:k].to(dtype), f.base_up[:, :k].to(dtype),
-                              _gains(None if f.base_scale is None else f.base_scale[:k], mask, dtype))
-    return out
+    left, right = stacked_factors(f, k, x.dtype)
+    return stacked_delta(x, left, right, stack_width(f), None if mask is None else mask[..., :k])
 
 
 def delta_weight(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: Optional[int] = None,
@@ -119,21 +147,30 @@ def delta_weight(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: O
     """The dense dW(t) [out, in] of Eq. 6 for one mask row (None = full rank), on the factors' device.
 
     Gradients flow to the factors. When a whole batch shares one t (the usual case: CFG halves share
-    their sigma) adding this to W costs out*in*k, far less than the per-token path of masked_delta.
-    The trained and frozen products are computed the same way, so dW is exactly zero at init.
+    their sigma) adding this to W costs out*in*k, far less than the per-token path of masked_delta
+    on large inputs. Exactly zero at initialisation (see stacked_factors).
     """
     if mask is not None and mask.numel() != mask.shape[-1]:
         raise ValueError(f"delta_weight takes one mask row, (r,) or (1, r), got shape {tuple(mask.shape)}; "
                          f"use masked_delta for a batch whose samples have different t.")
     k = f.rank if active is None else active
-    row = None if mask is None else mask.reshape(-1)[:k]
+    left, right = stacked_factors(f, k, dtype)
+    if mask is not None:
+        left = left * mask.reshape(-1)[:k].to(dtype).repeat_interleave(stack_width(f))
+    return left @ right
 
-    def product(down, up, scale):
-        g = _gains(None if scale is None else scale[:k], row, dtype)
-        up = up[:, :k].to(dtype)
-        return (up if g is None else up * g) @ down[:k].to(dtype)
 
-    dw = product(f.down, f.up, f.scale)
-    if f.has_base:
-        dw = dw - product(f.base_down, f.base_up, f.base_scale)
-    return dw
+def activations_cheaper(rows: int, in_features: int, out_features: int, width: int, with_grad: bool) -> bool:
+    """Whether adding dW·x to a layer's output costs fewer FLOPs than adding dW to its weight.
+
+    rows: rows of the layer's input (batch x tokens); width: stacked columns in use (c * k).
+    Without gradients the weight path costs 2·w·in·out (one GEMM builds dW, folded into W + dW) and
+    the activation path 2·rows·w·(in + out). With gradients the weight path also needs the dense
+    weight gradient (2·rows·in·out) and the factor gradients from it (4·w·in·out); the activation
+    path triples (forward, input gradient, factor gradients). Layers with few rows (cross-attention
+    keys/values on 77 text tokens, the deepest UNet blocks) are cheaper on activations.
+    """
+    area = in_features * out_features
+    weight = 2 * width * area if not with_grad else 6 * width * area + 2 * rows * area
+    activations = (6 if with_grad else 2) * rows * width * (in_features + out_features)
+    return activations < weight

@@ -5,9 +5,11 @@ How it enters ComfyUI (each with its undo, under a key of its own so several T-L
   the masks for the duration of that call;
 - a PatcherInjection adds, on inject, two hooks to every adapted Linear and removes them on eject:
   * a `weight_function` (ComfyUI's per-forward weight hook, also used by its low-VRAM patches) that
-    returns W + strength * dW(t) when every row of the batch shares one t (CFG halves share their
-    sigma): out*in*r extra work per layer, independent of the number of tokens;
-  * a forward hook that adds strength * dW(t_i) x_i per sample when rows carry different t.
+    returns W + strength * dW(t) in one addmm when every row of the batch shares one t (CFG halves
+    share their sigma): out*in*k extra work, independent of the number of tokens;
+  * a forward hook that adds strength * dW(t_i) x_i to the output instead, per sample when rows carry
+    different t, and for layers whose input has so few rows that this is cheaper (cross-attention
+    keys/values, the deepest blocks).
 The base weights are never modified and nothing is merged, so unpatching gives the original model.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import comfy.lora
 import comfy.patcher_extension as pe
 
-from ..tlora_core.adapter import LayerFactors, delta_weight, masked_delta
+from ..tlora_core.adapter import LayerFactors, activations_cheaper, stack_width, stacked_delta, stacked_factors
 from ..tlora_core.errors import TLoraError
 from ..tlora_core.format import TLora
 from ..tlora_core.schedule import prefix_masks, ranks_for_timesteps
@@ -41,20 +43,14 @@ class Target:
     rows: Optional[tuple[int, int]] = None  # (offset, size) along the output dimension
 
 
-@dataclass
 class CallMasks:
-    """The masks of the model call in progress."""
+    """The masks of the model call in progress (read by every adapted layer, so worked out once)."""
 
-    ranks: list[int]
-    masks: torch.Tensor  # (batch, r) on the call's device
-
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.ranks)) == 1
-
-    @property
-    def active(self) -> int:
-        return max(self.ranks)
+    def __init__(self, ranks: list[int], masks: torch.Tensor):
+        self.ranks = ranks
+        self.masks = masks  # (batch, r) on the call's device
+        self.uniform = len(set(ranks)) == 1  # every row shares one t
+        self.active = max(ranks)  # components any row keeps (prefix masks)
 
 
 @dataclass
@@ -90,43 +86,88 @@ def resolve_targets(model, layer_keys, key_map: Optional[dict] = None) -> tuple[
     return found, missing
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype to add dW in: the tensor's own on an accelerator (fp16/bf16 GEMMs accumulate in fp32
+    and round once) and for fp32; float32 for anything else (CPU half types, fp8 storage)."""
+    if t.dtype == torch.float32 or (t.device.type != "cpu" and t.dtype in (torch.float16, torch.bfloat16)):
+        return t.dtype
+    return torch.float32
+
+
 class AdaptedLayer:
-    """The two hooks of one Linear; they read the masks of the current call from the runtime."""
+    """The two hooks of one Linear; they read the masks of the current call from the runtime.
+
+    A call whose rows share one t adds strength * dW(t) by the cheaper of two paths for the rows of
+    the input (activations_cheaper; a pre-hook reads them, so a gradient-checkpoint replay takes the
+    same path): on the weight (weight_function: one addmm, W + s * left @ right) or on the output
+    (forward hook). A call whose rows carry different t always goes through the forward hook, with
+    one mask per sample.
+    """
 
     def __init__(self, runtime: "TLoraRuntime", target: Target, factors: LayerFactors):
         self.runtime, self.target, self.factors = runtime, target, factors
-        self.hook_handle = None
+        self.width = stack_width(factors)
+        self.handles: list = []
         self.weight_path = True  # False for plain torch Linears, which ignore weight_function
+        self.trained = False  # factors that require grad: stacked anew at every call, never cached
+        self.rows: Optional[int] = None  # rows of the input in progress, to pick the cheaper path
+        self.on_weight = False  # weight_function added dW for the forward pass in progress
+        self.cache: dict = {}  # (device, dtype) -> stacked factors at full rank
 
-    def _factors_on(self, device) -> LayerFactors:
+    def stacked(self, device, dtype, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """stacked_factors of the first k components on `device` in `dtype`.
+
+        Factors already there are stacked per call (O(k * (in + out)), no second copy of the adapter in
+        memory); otherwise the full stack is kept per device and dtype in place of a moved copy, until
+        the model is unloaded.
+        """
         f = self.factors
-        return f if f.down.device == device else f.to(device=device)
+        if self.trained or (f.down.device == device and f.down.dtype == dtype):
+            return stacked_factors(f.to(device=device), k, dtype)
+        if (device, dtype) not in self.cache:
+            self.cache[(device, dtype)] = stacked_factors(f.to(device=device), None, dtype)
+        left, right = self.cache[(device, dtype)]
+        return left[:, :self.width * k], right[:self.width * k]
+
+    def cheaper_on_activations(self, call: "CallMasks") -> bool:
+        f = self.factors
+        return self.rows is not None and activations_cheaper(self.rows, f.in_features, f.out_features,
+                                                             self.width * call.active, self.trained)
+
+    def pre_hook(self, module, args):
+        self.rows = args[0].numel() // args[0].shape[-1]
 
     def weight_function(self, weight: torch.Tensor) -> torch.Tensor:
+        self.on_weight = False
         call = self.runtime.current
-        if call is None or not call.uniform or self.runtime.strength == 0:
+        if call is None or not call.uniform or self.runtime.strength == 0 or self.cheaper_on_activations(call):
             return weight
-        f = self._factors_on(weight.device)
-        dw = delta_weight(f, call.masks[0], active=call.active, dtype=torch.float32) * self.runtime.strength
-        if self.target.rows is None:
-            return (weight.float() + dw).to(weight.dtype) if weight.dtype != torch.float32 else weight + dw
-        offset, size = self.target.rows
-        rows = weight[offset:offset + size].float() + dw
-        return torch.cat([weight[:offset], rows.to(weight.dtype), weight[offset + size:]])
+        self.on_weight = True
+        dtype = compute_dtype(weight)
+        left, right = self.stacked(weight.device, dtype, call.active)
+        offset, size = self.target.rows or (0, weight.shape[0])
+        rows = weight[offset:offset + size].to(dtype)
+        new = torch.addmm(rows, left, right, alpha=self.runtime.strength).to(weight.dtype)
+        return new if self.target.rows is None else torch.cat([weight[:offset], new, weight[offset + size:]])
 
     def forward_hook(self, module, args, output):
-        call = self.runtime.current
-        if call is None or (call.uniform and self.weight_path) or self.runtime.strength == 0:
-            return None
         x = args[0]
-        masks = call.masks
-        if x.shape[0] != masks.shape[0]:
-            if x.shape[0] % masks.shape[0]:
-                raise TLoraError(f"T-LoRA layer {self.target.layer_key}: batch of {x.shape[0]} rows cannot be "
-                                 f"matched to {masks.shape[0]} sigmas.")
-            masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
-        delta = masked_delta(x, self._factors_on(x.device), masks.to(x.device), active=call.active)
-        delta = delta * self.runtime.strength
+        on_weight, self.on_weight = self.on_weight, False
+        call = self.runtime.current
+        if call is None or on_weight or self.runtime.strength == 0:
+            return None
+        masks = None
+        if not call.uniform:
+            masks = call.masks
+            if x.shape[0] != masks.shape[0]:
+                if x.shape[0] % masks.shape[0]:
+                    raise TLoraError(f"T-LoRA layer {self.target.layer_key}: batch of {x.shape[0]} rows cannot be "
+                                     f"matched to {masks.shape[0]} sigmas.")
+                masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
+            masks = masks[:, :call.active].to(x.device)
+        dtype = compute_dtype(x)
+        left, right = self.stacked(x.device, dtype, call.active)
+        delta = stacked_delta(x.to(dtype), left, right, self.width, masks) * self.runtime.strength
         if self.target.rows is None:
             return output + delta.to(output.dtype)
         offset, size = self.target.rows
@@ -138,11 +179,9 @@ class AdaptedLayer:
 class TLoraRuntime:
     """One application of a T-LoRA on one ModelPatcher (create it through `apply_tlora`)."""
 
-    def __init__(self, tlora: TLora, targets: dict[str, Target], strength: float, schedule: Schedule,
-                 move_to_device: bool = True):
+    def __init__(self, tlora: TLora, targets: dict[str, Target], strength: float, schedule: Schedule):
         self.key = f"{KEY_PREFIX}-{uuid.uuid4().hex[:12]}"
         self.tlora, self.strength, self.schedule = tlora, float(strength), schedule
-        self.move_to_device = move_to_device
         self.layers = [AdaptedLayer(self, t, tlora.layers[k]) for k, t in targets.items()]
         self.current: Optional[CallMasks] = None
         self.last: Optional[CallMasks] = None  # masks of the latest call, for gradient-checkpoint replays
@@ -177,13 +216,13 @@ class TLoraRuntime:
         model = patcher.model
         for layer in self.layers:
             module = model.get_submodule(layer.target.module_path)
-            if self.move_to_device:
-                layer.factors = layer.factors.to(device=patcher.load_device)
+            layer.trained = any(t.requires_grad for t in layer.factors.tensors().values())
             # ComfyUI's ops read weight_function; a plain torch Linear would ignore it.
             layer.weight_path = hasattr(module, "comfy_cast_weights")
             # Instance list, never the class attribute shared by every Linear.
             module.weight_function = list(getattr(module, "weight_function", [])) + [layer.weight_function]
-            layer.hook_handle = module.register_forward_hook(layer.forward_hook)
+            layer.handles = [module.register_forward_pre_hook(layer.pre_hook),
+                             module.register_forward_hook(layer.forward_hook)]
 
     def eject(self, patcher):
         model = patcher.model
@@ -191,11 +230,10 @@ class TLoraRuntime:
             module = model.get_submodule(layer.target.module_path)
             module.weight_function = [f for f in getattr(module, "weight_function", [])
                                       if f != layer.weight_function]
-            if layer.hook_handle is not None:
-                layer.hook_handle.remove()
-                layer.hook_handle = None
-            if self.move_to_device:
-                layer.factors = self.tlora.layers[layer.target.layer_key]  # back to the CPU copy
+            for handle in layer.handles:
+                handle.remove()
+            layer.handles = []
+            layer.cache.clear()  # the device copies go with the model
 
 
 FAMILIES = (("sdxl", "SD-XL"), ("sd15", "SD1.x"), ("sd1", "SD1.x"), ("sd2", "SD2.x"), ("sd3", "SD3"),
@@ -245,7 +283,7 @@ def check_shapes(model, tlora: TLora, targets: dict[str, Target]):
 
 
 def apply_tlora(model_patcher, tlora: TLora, strength: float = 1.0, min_rank: Optional[int] = None,
-                exponent: Optional[float] = None, move_to_device: bool = True):
+                exponent: Optional[float] = None):
     """A clone of `model_patcher` with the T-LoRA attached; the input patcher is not changed.
 
     min_rank / exponent override the file's schedule (None keeps it). Returns (patcher, runtime).
@@ -268,7 +306,7 @@ def apply_tlora(model_patcher, tlora: TLora, strength: float = 1.0, min_rank: Op
         logging.warning("T-LoRA: %d of %d layers match nothing in the model and are skipped (e.g. %s).",
                         len(missing), len(tlora.layers), missing[0])
     check_shapes(model_patcher.model, tlora, targets)
-    runtime = TLoraRuntime(tlora, targets, strength, schedule, move_to_device)
+    runtime = TLoraRuntime(tlora, targets, strength, schedule)
     patched = model_patcher.clone()
     patched.set_injections(runtime.key, [pe.PatcherInjection(inject=runtime.inject, eject=runtime.eject)])
     patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, runtime.key, runtime.apply_model_wrapper)

@@ -201,7 +201,7 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
         else:
             tlora = TLora(config, dict(resume.layers))
         params = make_trainable(tlora, device)
-        patched, runtime = apply_tlora(model, tlora, 1.0, move_to_device=False)
+        patched, runtime = apply_tlora(model, tlora, 1.0)
         patched.set_injections(f"{runtime.key}-training", [inference_weight_copies()])
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999),
                                       weight_decay=settings.weight_decay, eps=1e-8)

@@ -11,8 +11,9 @@ fp32 on the CPU), rank 64, batch 1, the same image (256 px unless --resolution),
   lora    this pack's trainer, variant "lora" (plain LoRA on the attention projections).
   tlora   this pack's trainer, variant "tlora" (Ortho-LoRA init, frozen base copies, rank mask).
 Gradient checkpointing is the same for all three (--gradient-checkpointing; TrainLoraNode's own
-default is on, the pack's off). CLIP and VAE are the tiny test ones (tests/support/tiny_model.py;
-they run once, to encode).
+default is on, the pack's off). The Ortho-LoRA SVD init is swapped for random factors of the same
+shapes unless --real-init (setup only, never inside a timed step). CLIP and VAE are the tiny test
+ones (tests/support/tiny_model.py; they run once, to encode).
 Step time: all trainers in ONE child, interleaved round by round, the first step of every run
 (warm-up) left out; wall time and process CPU time (steadier on a shared machine). Peak memory:
 each trainer alone in a child process, peak RSS above the RSS before training (CUDA: allocator peak).
@@ -96,6 +97,23 @@ def run_native(base, latent, positive, steps: int, checkpointing: bool):
     lora_sd = out.args[1]
     wall, cpu = stamps.gaps()
     return wall, cpu, common.nbytes(lora_sd.values())
+
+
+def fast_ortho_init():
+    """Swap the Ortho-LoRA init (a float64 SVD per layer: minutes for 128 layers on 2 cores) for random
+    factors of the same shapes with the same frozen copies. A step's cost does not depend on the
+    values; --real-init keeps the SVD (its time is not part of any step either way)."""
+    from tlora_pack.tlora_core import init
+    from tlora_pack.tlora_core.adapter import LayerFactors
+
+    def random_ortho(in_features, out_features, rank, *_, **__):
+        gen = torch.Generator().manual_seed(in_features * 7 + out_features)
+        down = torch.randn(rank, in_features, generator=gen) / in_features ** 0.5
+        up = torch.randn(out_features, rank, generator=gen) / out_features ** 0.5
+        scale = torch.rand(rank, generator=gen)
+        return LayerFactors(down=down, up=up, scale=scale, base_down=down.clone(), base_up=up.clone(),
+                            base_scale=scale.clone())
+    init.ortho_factors = random_ortho
 
 
 def run_pack(base, clip, vae, image, variant: str, steps: int, checkpointing: bool, folder: str):
@@ -195,23 +213,20 @@ def sdxl_counts(latent: int = 128) -> dict:
             "fwd_bwd": counter.get_total_flops(), "saved_bytes": sum(storages.values()), "layers": layers}
 
 
-def adapter_flops(layers, k: float, weight_path: bool) -> float:
-    """Extra FLOPs per step of a T-LoRA (trained and frozen products, k components kept) on `layers`.
+def adapter_flops(layers, k: int, pack: bool) -> float:
+    """Extra FLOPs per training step of a T-LoRA (trained and frozen products, k components kept).
 
-    weight path (this pack, one t per batch): build dW (2 products, 4 k in out), the dense weight
-    gradient in backward (2 rows in out) and the factor gradients from it (4 k in out).
-    activation path (the reference code): x -> A -> B for trained and frozen factors forward
-    (4 rows k (in + out)), input gradients through both (4 rows k (in + out)), factor gradients of
-    the trained ones (2 rows k (in + out)).
+    pack: each layer on the cheaper of the weight and activation paths, as the pack's runtime picks
+    (tlora_core.adapter.path_costs); otherwise always on activations, as the reference code does.
     """
-    if weight_path:
-        return sum(8 * k * i * o + 2 * rows * i * o for rows, i, o in layers)
-    return sum(10 * rows * k * (i + o) for rows, i, o in layers)
+    from tlora_pack.tlora_core.adapter import path_costs
+    costs = [path_costs(rows, i, o, k, True, with_grad=True) for rows, i, o in layers]
+    return sum(min(c) if pack else c[1] for c in costs)
 
 
 def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: int = 800):
     c = sdxl_counts()
-    k = (RANK + MIN_RANK) / 2  # t uniform in [0, 1000): r(t) averages (r + r_min) / 2
+    k = (RANK + MIN_RANK) // 2  # t uniform in [0, 1000): r(t) averages (r + r_min) / 2
     adapted = sum(i * o for _, i, o in c["layers"])
     trainable = sum(RANK * (i + o + 1) for _, i, o in c["layers"])
     lines = [f"SD-XL UNet: {c['params'] / 1e9:.3f} B parameters; {len(c['layers'])} attention projections, "
@@ -219,8 +234,8 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
              f"(+ as many frozen)",
              f"FLOPs per step at 1024 px, batch 1 (meta device, torch.utils.flop_counter): forward "
              f"{c['forward'] / 1e12:.2f} T, forward + input-gradient backward {c['fwd_bwd'] / 1e12:.2f} T"]
-    for name, weight_path in (("this pack (dense dW on the weight)", True), ("reference (on activations)", False)):
-        extra = adapter_flops(c["layers"], k, weight_path)
+    for name, pack in (("this pack (cheaper path per layer)", True), ("reference (on activations)", False)):
+        extra = adapter_flops(c["layers"], k, pack)
         total = c["fwd_bwd"] + extra
         times = [total * steps / (peak_tflops * 1e12 * u) / 60 for u in utilisation]
         lines.append(f"  {name:36}: + {extra / 1e12:.2f} T adapter = {total / 1e12:.2f} T/step; "
@@ -230,16 +245,17 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
     weights = c["params"] * 2
     text_vae = (123.1e6 + 694.7e6) * 2 + 83.7e6 * 4
     adapters = trainable * 4 * 4 + trainable * 4  # param + grad + 2 AdamW states (fp32), frozen copies
-    w_eff = adapted * 2  # the weight path keeps W + dW (bf16) of every adapted layer for backward
+    from tlora_pack.tlora_core.adapter import activations_cheaper
+    on_weight = sum(i * o for rows, i, o in c["layers"] if not activations_cheaper(rows, i, o, k, True, True))
+    w_eff = on_weight * 2  # a layer on the weight path keeps W + dW (bf16) for backward
     saved = c["saved_bytes"]
     total = weights + text_vae + adapters + saved + w_eff
     lines += [f"VRAM estimate (bf16 UNet, fp16 CLIP-L + OpenCLIP-bigG, fp32 VAE kept on the GPU, fp32 T-LoRA + AdamW, "
               f"no gradient checkpointing):",
               f"  UNet {weights / gib:.1f} + text encoders and VAE {text_vae / gib:.1f} + T-LoRA with grads and AdamW "
               f"{adapters / gib:.1f} + activations kept for backward {saved / gib:.1f} (counted) + W + dW copies "
-              f"{w_eff / gib:.1f} = {total / gib:.1f} GiB (+ allocator slack, CUDA context ~0.5-1 GiB); "
-              f"without the W + dW copies (activation path) {(total - w_eff) / gib:.1f} GiB",
-              ]
+              f"{w_eff / gib:.1f} ({on_weight / adapted:.0%} of the adapted weights are on the weight path) = "
+              f"{total / gib:.1f} GiB (+ allocator slack, CUDA context ~0.5-1 GiB)"]
     implied = (c["fwd_bwd"] + adapter_flops(c["layers"], k, False)) * steps / (30 * 60) / (peak_tflops * 1e12)
     lines.append(f"The reference code needs about 30 min for these 800 steps: its UNet work alone would then run at "
                  f"{implied:.1%} of peak, so most of its time goes elsewhere (per-step VAE/text encoding, validation "
@@ -283,6 +299,7 @@ def main():
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off")
     parser.add_argument("--estimate-only", action="store_true", help="only the SD-XL estimate (meta device, ~1 min)")
     parser.add_argument("--tiny-unet", action="store_true", help="the 25.8 M test UNet instead (a smoke run)")
+    parser.add_argument("--real-init", action="store_true", help="run the Ortho-LoRA SVD init (slow; not timed)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -291,6 +308,8 @@ def main():
     if args.worker:
         if args.threads:
             torch.set_num_threads(args.threads)
+        if not args.real_init:
+            fast_ortho_init()
         out = (timing_worker(names, args.resolution, args.steps, args.rounds, ckpt, args.tiny_unet)
                if args.worker == "timing" else memory_worker(args.worker, args.resolution, args.memory_steps, ckpt,
                                                              args.tiny_unet))
@@ -302,7 +321,7 @@ def main():
         flags = ["--trainers", args.trainers, "--resolution", str(args.resolution), "--steps", str(args.steps),
                  "--rounds", str(args.rounds), "--memory-steps", str(args.memory_steps),
                  "--gradient-checkpointing", args.gradient_checkpointing, "--threads", str(args.threads),
-                 *(["--tiny-unet"] if args.tiny_unet else [])]
+                 *(["--tiny-unet"] if args.tiny_unet else []), *(["--real-init"] if args.real_init else [])]
         memory = {}
         for n in names:
             print(f"-- memory run: {n}", flush=True)

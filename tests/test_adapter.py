@@ -212,11 +212,12 @@ def test_stacked_factors_prefix_is_the_delta_of_the_first_k_components(base, sca
 
 
 def test_cost_rule_picks_activations_for_few_rows_and_weights_for_many():
-    # Cross-attention value on 77 text tokens x 2 (CFG), 768 -> 1280, 2 x 48 stacked columns.
-    assert activations_cheaper(154, 768, 1280, 96, with_grad=False)
-    # Self-attention at a 64x64 latent: 8192 rows, 320 -> 320.
-    assert not activations_cheaper(8192, 320, 320, 96, with_grad=False)
-    # 512 rows, 640 -> 640: 2*512*96*1280 = 126 M on activations vs 2*96*640^2 = 79 M on the weight;
-    # training adds the dense weight gradient (2*512*640^2 = 419 M) to the weight path and flips it.
-    assert not activations_cheaper(512, 640, 640, 96, with_grad=False)
-    assert activations_cheaper(512, 640, 640, 96, with_grad=True)
+    # Sampling: activations when rows * (in + out) < in * out, whatever k.
+    assert activations_cheaper(154, 768, 1280, 48, True, with_grad=False)  # cross-attn value, 77 tokens x 2
+    assert not activations_cheaper(8192, 320, 320, 48, True, with_grad=False)  # self-attn, 64x64 latent
+    assert not activations_cheaper(512, 640, 640, 48, True, with_grad=False)  # 512 * 1280 > 640^2
+    # Training adds the dense weight gradient (2 * 512 * 640^2 = 419 M) to the weight path:
+    # weight 8 * 48 * 640^2 + 419 M = 577 M > activations 10 * 48 * 512 * 1280 = 315 M.
+    assert activations_cheaper(512, 640, 640, 48, True, with_grad=True)
+    # 320 channels, 4096 rows: weight 8 * 48 * 320^2 + 2 * 4096 * 320^2 = 878 M < activations 1.26 G.
+    assert not activations_cheaper(4096, 320, 320, 48, True, with_grad=True)

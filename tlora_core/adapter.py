@@ -7,8 +7,9 @@ Eq. 5, and A0, B0, S0 the frozen initial factors (absent for the non-orthogonal 
 factor starts at zero). The base weight W is never modified: the update is applied to activations,
 y = W x + strength · dW(t) x: either as a dense dW(t) added to W for a batch that shares one t
 (delta_weight), or on activations (masked_delta, one mask per sample), whichever costs less
-(activations_cheaper). Both go through one factored form, stacked_factors, that is exactly zero at
-initialisation.
+(activations_cheaper). Sampling uses the stacked form (stacked_factors: trained and frozen products
+in one GEMM); training runs them as two passes so that the frozen one needs no gradients. Both are
+exactly zero at initialisation.
 """
 from __future__ import annotations
 
@@ -129,17 +130,43 @@ def stacked_delta(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, widt
     return F.linear(h, left)
 
 
+def _gains(scale: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """S ⊙ m as (k,) or (batch, k); None when both are absent (all ones)."""
+    if scale is None:
+        return None if mask is None else mask.to(dtype)
+    scale = scale.to(dtype)
+    return scale if mask is None else scale * mask.to(dtype)
+
+
+def _low_rank(x, down, up, gains):
+    """up · diag(gains) · down · x for x [batch, ..., in]; gains is (k,), (batch, k) or None."""
+    h = F.linear(x, down)
+    if gains is not None:
+        if gains.dim() == 2:
+            gains = gains.reshape(gains.shape[0], *([1] * (h.dim() - 2)), gains.shape[1])
+        h = h * gains
+    return F.linear(h, up)
+
+
 def masked_delta(x: torch.Tensor, f: LayerFactors, mask: Optional[torch.Tensor] = None,
                  active: Optional[int] = None) -> torch.Tensor:
     """dW(t) · x of Eq. 6 for a batch: mask is None (full rank), (r,) or (batch, r), one row per sample.
 
     `active` is the largest rank any row keeps: the masks are prefix masks, so components past it
-    are zero for every row and are skipped, which makes high-noise steps cheaper. Exactly zero at
-    initialisation (see stacked_factors).
+    are zero for every row and are skipped, which makes high-noise steps cheaper. The trained and the
+    frozen products run as two identical passes, so the result is exactly zero at initialisation; the
+    frozen pass needs no factor gradients, which makes this the cheaper form to train through (the
+    stacked form would back-propagate into both halves of its GEMM).
     """
     k = f.rank if active is None else active
-    left, right = stacked_factors(f, k, x.dtype)
-    return stacked_delta(x, left, right, stack_width(f), None if mask is None else mask[..., :k])
+    mask = None if mask is None else mask[..., :k]
+    dtype = x.dtype
+    out = _low_rank(x, f.down[:k].to(dtype), f.up[:, :k].to(dtype),
+                    _gains(None if f.scale is None else f.scale[:k], mask, dtype))
+    if f.has_base:
+        out = out - _low_rank(x, f.base_down[:k].to(dtype), f.base_up[:, :k].to(dtype),
+                              _gains(None if f.base_scale is None else f.base_scale[:k], mask, dtype))
+    return out
 
 
 def delta_weight(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: Optional[int] = None,
@@ -147,30 +174,50 @@ def delta_weight(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: O
     """The dense dW(t) [out, in] of Eq. 6 for one mask row (None = full rank), on the factors' device.
 
     Gradients flow to the factors. When a whole batch shares one t (the usual case: CFG halves share
-    their sigma) adding this to W costs out*in*k, far less than the per-token path of masked_delta
-    on large inputs. Exactly zero at initialisation (see stacked_factors).
+    their sigma) adding this to W costs out*in*k, far less than the per-token path of masked_delta.
+    The trained and frozen products are computed the same way, so dW is exactly zero at init.
     """
     if mask is not None and mask.numel() != mask.shape[-1]:
         raise ValueError(f"delta_weight takes one mask row, (r,) or (1, r), got shape {tuple(mask.shape)}; "
                          f"use masked_delta for a batch whose samples have different t.")
     k = f.rank if active is None else active
-    left, right = stacked_factors(f, k, dtype)
-    if mask is not None:
-        left = left * mask.reshape(-1)[:k].to(dtype).repeat_interleave(stack_width(f))
-    return left @ right
+    row = None if mask is None else mask.reshape(-1)[:k]
+
+    def product(down, up, scale):
+        g = _gains(None if scale is None else scale[:k], row, dtype)
+        up = up[:, :k].to(dtype)
+        return (up if g is None else up * g) @ down[:k].to(dtype)
+
+    dw = product(f.down, f.up, f.scale)
+    if f.has_base:
+        dw = dw - product(f.base_down, f.base_up, f.base_scale)
+    return dw
 
 
-def activations_cheaper(rows: int, in_features: int, out_features: int, width: int, with_grad: bool) -> bool:
-    """Whether adding dW·x to a layer's output costs fewer FLOPs than adding dW to its weight.
+def path_costs(rows: int, in_features: int, out_features: int, active: int, frozen_copies: bool,
+               with_grad: bool) -> tuple[int, int]:
+    """FLOPs of adding dW to one layer (weight path, activation path) for one model call.
 
-    rows: rows of the layer's input (batch x tokens); width: stacked columns in use (c * k).
-    Without gradients the weight path costs 2·w·in·out (one GEMM builds dW, folded into W + dW) and
-    the activation path 2·rows·w·(in + out). With gradients the weight path also needs the dense
-    weight gradient (2·rows·in·out) and the factor gradients from it (4·w·in·out); the activation
-    path triples (forward, input gradient, factor gradients). Layers with few rows (cross-attention
-    keys/values on 77 text tokens, the deepest UNet blocks) are cheaper on activations.
+    rows: rows of the layer's input (batch x tokens); active: components kept (k); frozen_copies: the
+    factors carry B0, S0, A0 (c = 2 products, else 1). With io = in·out and s = rows·(in + out):
+    - sampling (stacked form, one GEMM of width c·k either way): weight 2·c·k·io, activations 2·c·k·s;
+    - training (two passes; only the trained one needs factor gradients): weight 2·c·k·io forward, the
+      dense weight gradient 2·rows·io and the factor gradients 4·k·io; activations 2·c·k·s forward,
+      4·k·s for the trained pass's input and factor gradients, 2·k·s for the frozen pass's input gradient.
     """
-    area = in_features * out_features
-    weight = 2 * width * area if not with_grad else 6 * width * area + 2 * rows * area
-    activations = (6 if with_grad else 2) * rows * width * (in_features + out_features)
+    c = 2 if frozen_copies else 1
+    io, s = in_features * out_features, rows * (in_features + out_features)
+    if not with_grad:
+        return 2 * c * active * io, 2 * c * active * s
+    return (2 * c * active * io + 2 * rows * io + 4 * active * io,
+            2 * c * active * s + 4 * active * s + 2 * (c - 1) * active * s)
+
+
+def activations_cheaper(rows: int, in_features: int, out_features: int, active: int, frozen_copies: bool,
+                        with_grad: bool) -> bool:
+    """Whether adding dW·x to a layer's output costs fewer FLOPs than adding dW to its weight
+    (path_costs). Layers with few rows (cross-attention keys/values on 77 text tokens, the deepest
+    UNet blocks) are cheaper on activations, and in training most layers are: the weight path needs
+    the dense weight gradient, a GEMM as large as the layer's own."""
+    weight, activations = path_costs(rows, in_features, out_features, active, frozen_copies, with_grad)
     return activations < weight

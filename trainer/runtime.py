@@ -25,7 +25,8 @@ import torch
 import comfy.lora
 import comfy.patcher_extension as pe
 
-from ..tlora_core.adapter import LayerFactors, activations_cheaper, stack_width, stacked_delta, stacked_factors
+from ..tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weight, masked_delta, stack_width,
+                                  stacked_delta, stacked_factors)
 from ..tlora_core.errors import TLoraError
 from ..tlora_core.format import TLora
 from ..tlora_core.schedule import prefix_masks, ranks_for_timesteps
@@ -99,9 +100,10 @@ class AdaptedLayer:
 
     A call whose rows share one t adds strength * dW(t) by the cheaper of two paths for the rows of
     the input (activations_cheaper; a pre-hook reads them, so a gradient-checkpoint replay takes the
-    same path): on the weight (weight_function: one addmm, W + s * left @ right) or on the output
-    (forward hook). A call whose rows carry different t always goes through the forward hook, with
-    one mask per sample.
+    same path): on the weight (weight_function) or on the output (forward hook). A call whose rows
+    carry different t always goes through the forward hook, with one mask per sample. Sampling uses
+    the stacked form (W + s * left @ right is one addmm); training the two-pass form, whose frozen
+    pass needs no gradients.
     """
 
     def __init__(self, runtime: "TLoraRuntime", target: Target, factors: LayerFactors):
@@ -109,21 +111,21 @@ class AdaptedLayer:
         self.width = stack_width(factors)
         self.handles: list = []
         self.weight_path = True  # False for plain torch Linears, which ignore weight_function
-        self.trained = False  # factors that require grad: stacked anew at every call, never cached
+        self.trained = False  # factors that require grad: two-pass forms, nothing cached
         self.rows: Optional[int] = None  # rows of the input in progress, to pick the cheaper path
         self.on_weight = False  # weight_function added dW for the forward pass in progress
         self.cache: dict = {}  # (device, dtype) -> stacked factors at full rank
 
     def stacked(self, device, dtype, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """stacked_factors of the first k components on `device` in `dtype`.
+        """stacked_factors of the first k components on `device` in `dtype` (sampling only).
 
         Factors already there are stacked per call (O(k * (in + out)), no second copy of the adapter in
         memory); otherwise the full stack is kept per device and dtype in place of a moved copy, until
         the model is unloaded.
         """
         f = self.factors
-        if self.trained or (f.down.device == device and f.down.dtype == dtype):
-            return stacked_factors(f.to(device=device), k, dtype)
+        if f.down.device == device and f.down.dtype == dtype:
+            return stacked_factors(f, k, dtype)
         if (device, dtype) not in self.cache:
             self.cache[(device, dtype)] = stacked_factors(f.to(device=device), None, dtype)
         left, right = self.cache[(device, dtype)]
@@ -131,8 +133,8 @@ class AdaptedLayer:
 
     def cheaper_on_activations(self, call: "CallMasks") -> bool:
         f = self.factors
-        return self.rows is not None and activations_cheaper(self.rows, f.in_features, f.out_features,
-                                                             self.width * call.active, self.trained)
+        return self.rows is not None and activations_cheaper(self.rows, f.in_features, f.out_features, call.active,
+                                                             f.has_base, self.trained)
 
     def pre_hook(self, module, args):
         self.rows = args[0].numel() // args[0].shape[-1]
@@ -143,11 +145,16 @@ class AdaptedLayer:
         if call is None or not call.uniform or self.runtime.strength == 0 or self.cheaper_on_activations(call):
             return weight
         self.on_weight = True
-        dtype = compute_dtype(weight)
-        left, right = self.stacked(weight.device, dtype, call.active)
+        dtype, strength = compute_dtype(weight), self.runtime.strength
         offset, size = self.target.rows or (0, weight.shape[0])
         rows = weight[offset:offset + size].to(dtype)
-        new = torch.addmm(rows, left, right, alpha=self.runtime.strength).to(weight.dtype)
+        if self.trained:  # two passes: the frozen product needs no gradient
+            dw = delta_weight(self.factors.to(device=weight.device), call.masks[0], call.active, dtype)
+            new = torch.add(rows, dw, alpha=strength)
+        else:
+            left, right = self.stacked(weight.device, dtype, call.active)
+            new = torch.addmm(rows, left, right, alpha=strength)
+        new = new.to(weight.dtype)
         return new if self.target.rows is None else torch.cat([weight[:offset], new, weight[offset + size:]])
 
     def forward_hook(self, module, args, output):
@@ -156,7 +163,7 @@ class AdaptedLayer:
         call = self.runtime.current
         if call is None or on_weight or self.runtime.strength == 0:
             return None
-        masks = None
+        masks = None  # one t for every row: the first `active` components, all kept
         if not call.uniform:
             masks = call.masks
             if x.shape[0] != masks.shape[0]:
@@ -165,9 +172,13 @@ class AdaptedLayer:
                                      f"matched to {masks.shape[0]} sigmas.")
                 masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
             masks = masks[:, :call.active].to(x.device)
-        dtype = compute_dtype(x)
-        left, right = self.stacked(x.device, dtype, call.active)
-        delta = stacked_delta(x.to(dtype), left, right, self.width, masks) * self.runtime.strength
+        dtype, k = compute_dtype(x), call.active
+        if self.trained:
+            delta = masked_delta(x.to(dtype), self.factors.to(device=x.device), masks, active=k)
+        else:
+            left, right = self.stacked(x.device, dtype, k)
+            delta = stacked_delta(x.to(dtype), left, right, self.width, masks)
+        delta = delta * self.runtime.strength
         if self.target.rows is None:
             return output + delta.to(output.dtype)
         offset, size = self.target.rows

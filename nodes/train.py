@@ -23,11 +23,13 @@ def _progress_reporter(node_id, total: int):
         server = PromptServer.instance
     except (ImportError, AttributeError):
         server = None
+    sid = getattr(server, "client_id", None)  # the client whose prompt is running now
 
     def report(step: int, steps: int, loss: float):
         bar.update_absolute(step, steps)
         if server is not None and node_id is not None:
-            server.send_progress_text(f"step {step}/{steps}  loss {loss:.4f}", node_id)
+            # To the client that queued this prompt (None, e.g. from a script: every client).
+            server.send_progress_text(f"step {step}/{steps}  loss {loss:.4f}", node_id, sid)
     return report
 
 
@@ -57,7 +59,9 @@ class TLoraTrainFromImage(io.ComfyNode):
                 io.Int.Input("steps", default=800, min=1, max=100000, tooltip="Optimiser steps (paper: 800)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
                                tooltip="AdamW learning rate (paper: 1e-4)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seeds init, timesteps and noise."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
+                             tooltip="Seeds init, timesteps and noise. Kept as set (no randomize control): "
+                                     "queueing again reuses the trained T-LoRA instead of training again."),
                 io.String.Input("filename_prefix", default="tlora/tlora",
                                 tooltip="Saved as models/loras/<prefix>_NNNNN.safetensors; never overwrites."),
                 io.Mask.Input("mask", optional=True, tooltip="Optional: white = subject. Weights the loss there."),

@@ -53,3 +53,26 @@ def test_trained_model_and_loaded_file_sample_the_same_image(comfy_server):
     base_image = _image_of(comfy_server, comfy_server.run(base, timeout=300))
     assert np.array_equal(loaded_image, trained_image)
     assert not np.array_equal(base_image, trained_image), "the T-LoRA must change the sample"
+
+
+def test_training_shows_step_and_loss_to_the_client_that_queued_it(comfy_server):
+    """The node's progress bar (value / max) and 'step k/N  loss x' under the node reach the queueing
+    client over the websocket; another browser tab connected to the same server gets no training text."""
+    wf = _train_workflow()
+    wf["3"]["inputs"].update(steps=4, seed=7, filename_prefix="tlora/progress_test")
+    watcher, bystander = comfy_server.listen(), comfy_server.listen(client_id="another-tab")
+    try:
+        prompt_id = comfy_server.post_prompt(wf)
+        events = watcher.until_done(prompt_id)
+        other = bystander.drain(1.0)
+    finally:
+        watcher.close()
+        bystander.close()
+    comfy_server.wait(prompt_id)
+    progress = [e[1]["data"] for e in events if e[0] == "json" and e[1]["type"] == "progress"
+                and e[1]["data"].get("node") == "3"]
+    assert [(p["value"], p["max"]) for p in progress] == [(k, 4) for k in range(1, 5)]
+    texts = [e[2] for e in events if e[0] == "text" and e[1] == "3"]
+    assert [t.split("  ")[0] for t in texts] == [f"step {k}/4" for k in range(1, 5)], texts
+    assert all(float(t.split("loss ")[1]) >= 0 for t in texts)
+    assert not [e for e in other if e[0] == "text"], "training text went to a client that did not queue it"

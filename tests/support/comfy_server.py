@@ -6,6 +6,7 @@ database, its log) lives under one base directory, so the ComfyUI tree itself is
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -153,6 +154,10 @@ class ComfyServer:
         """post_prompt + wait."""
         return self.wait(self.post_prompt(api_workflow), timeout)
 
+    def listen(self, client_id: str | None = None, timeout: float = 300.0) -> "Listener":
+        """A websocket to /ws as `client_id` (default: the client that queues this object's prompts)."""
+        return Listener(f"ws://{HOST}:{self.port}/ws?clientId={client_id or self.client_id}", timeout)
+
     def output_path(self, item: dict) -> Path:
         """Where a history output item ({"filename", "subfolder", "type"}) is on disk."""
         return self.base_dir / item.get("type", "output") / item.get("subfolder", "") / item["filename"]
@@ -176,3 +181,52 @@ class ComfyServer:
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_text()[-chars:]
+
+
+class Listener:
+    """What the server pushes to one websocket client: JSON events and the binary progress texts.
+
+    events: ("json", {"type", "data"}) and ("text", node_id, text) in arrival order.
+    """
+
+    TEXT_EVENT = 3  # server.BinaryEventTypes.TEXT: >I event, >I node id length, node id, utf-8 text
+
+    def __init__(self, url: str, timeout: float):
+        import websocket  # websocket-client
+        self.ws = websocket.create_connection(url, timeout=timeout)
+        self.events: list = []
+
+    def _receive(self):
+        import websocket
+        try:
+            msg = self.ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return None
+        if isinstance(msg, bytes):
+            if struct.unpack(">I", msg[:4])[0] == self.TEXT_EVENT:
+                size = struct.unpack(">I", msg[4:8])[0]
+                self.events.append(("text", msg[8:8 + size].decode(), msg[8 + size:].decode("utf-8", "replace")))
+        else:
+            self.events.append(("json", json.loads(msg)))
+        return self.events[-1] if self.events else None
+
+    def until_done(self, prompt_id: str) -> list:
+        """Receive until the prompt's execution ends (success, error or interruption); returns events."""
+        while True:
+            event = self._receive()
+            if event is None:
+                raise ComfyServerError(f"no websocket message for prompt {prompt_id} within the timeout")
+            if event[0] == "json" and event[1].get("type") in ("execution_success", "execution_error",
+                                                                 "execution_interrupted") \
+                    and event[1].get("data", {}).get("prompt_id") == prompt_id:
+                return self.events
+
+    def drain(self, seconds: float = 1.0) -> list:
+        """Whatever arrives within `seconds` more; returns all events so far."""
+        self.ws.settimeout(seconds)
+        while self._receive() is not None:
+            pass
+        return self.events
+
+    def close(self):
+        self.ws.close()

@@ -36,7 +36,7 @@ SAMPLER = {"seed": 42, "seed.control_after_generate": "fixed", "steps": 25, "cfg
 LATENT = {"width": 1024, "height": 1024, "batch_size": 1}
 PAPER = {"trigger": "sks", "class_word": "dog", "prompt_template": "a photo of {trigger} {class}",
          "variant": "tlora", "rank": 64, "min_rank": 32, "steps": 800, "learning_rate": 1e-4,
-         "seed": 0, "seed.control_after_generate": "fixed"}
+         "seed": 0}
 
 GREEN = {"color": "#232", "bgcolor": "#353"}
 RED = {"color": "#322", "bgcolor": "#533"}
@@ -51,7 +51,7 @@ Knobs of "Train T-LoRA from image" (the paper's values are the defaults)
   whatever the prompt says.
 - variant: tlora (paper) | vanilla_tlora (mask only) | ortho_lora (orthogonal init only) | lora (plain LoRA).
 - trigger + class_word make the training prompt "a photo of sks dog": use both words in your prompts.
-- seed is 'fixed': queueing again reuses the trained T-LoRA instead of training again.
+- seed has no randomize control: queueing again reuses the trained T-LoRA instead of training again.
 - optional: mask (white = subject), resolution (0 = the image's size, capped at the model's), targets,
   gradient_checkpointing (less memory, slower), save_every, resume (continue a T-LoRA).
 - strength (on Load / Apply T-LoRA): 0 = the base model exactly, 1 = as trained."""

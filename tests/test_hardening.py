@@ -663,3 +663,34 @@ def test_a_full_disk_at_the_final_save_names_the_last_good_file(tiny_sd15, tmp_p
     with pytest.raises(TLoraError) as err:
         _train(tiny_sd15, tmp_path, steps=2, save_every=1)
     assert "Last good file" in str(err.value) and "run_1steps_00001" in str(err.value)
+
+
+def test_any_other_failure_keeps_its_type_and_the_log_names_the_last_good_file(tiny_sd15, tmp_path, monkeypatch,
+                                                                               caplog):
+    """An out-of-memory error, say, must reach ComfyUI as itself (its own handling applies); the log says
+    what survived."""
+    from tlora_pack.trainer import loop
+
+    real, calls = loop.TrainSampler.one_step, []
+
+    def runs_out_of_memory(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args)
+
+    monkeypatch.setattr(loop.TrainSampler, "one_step", runs_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        _train(tiny_sd15, tmp_path, steps=4, save_every=1)
+    last = (tmp_path / "t" / "run_2steps_00001.safetensors").resolve()
+    assert f"Last good file: {last}." in caplog.text and "step 2 of 4" in caplog.text
+    load_tlora(last)
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"rank": True}, "rank"), ({"min_rank": 2.0}, "r_min"), ({"exponent": True}, "exponent"),
+    ({"max_timestep": False}, "max_timestep"), ({"variant": ["tlora"]}, "variant"), ({"init": None}, "init"),
+    ({"base_model": 15}, "base_model"), ({"trigger": b"sks"}, "trigger"), ({"training": [1, 2]}, "training")])
+def test_settings_of_the_wrong_type_are_refused_naming_the_field(changes, named):
+    with pytest.raises(TLoraConfigError, match=named):
+        TLoraConfig(**{"rank": 4, "min_rank": 2, **changes})

@@ -369,3 +369,11 @@ def test_flux_layer_keys_are_in_comfyuis_flux_key_map(comfy, tmp_path):
                                               output_prefix="diffusion_model.")
     comfy_keys = {"transformer." + k[: -len(".weight")] for k in diffusers if k.endswith(".weight")}
     assert set(tlora.layers) <= comfy_keys
+
+
+def test_read_any_reads_a_reference_file_once(tmp_path, monkeypatch):
+    path = ref.write_sdxl_checkpoint(tmp_path, ref.sdxl_state(PROCS, RANK, ortho=True), SDXL_HPARAMS)
+    real, reads = readers.load_state_dict, []
+    monkeypatch.setattr(readers, "load_state_dict", lambda p: reads.append(p) or real(p))
+    tlora = readers.read_any(path)
+    assert reads == [path] and tlora.config.variant == "tlora"

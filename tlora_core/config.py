@@ -19,6 +19,14 @@ VARIANTS = {
 ORTHO_INITS = ("last", "middle", "principal")
 
 
+TEXT_FIELDS = ("variant", "init", "base_model", "trigger", "class_word", "source")
+
+
+def _whole(value) -> bool:
+    """An int that is not a bool (True would pass as rank 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class TLoraConfig:
     """Everything needed besides the tensors to reproduce a T-LoRA's inference exactly."""
@@ -36,16 +44,22 @@ class TLoraConfig:
     training: dict = field(default_factory=dict, metadata={"help": "training settings, for the record"})
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
+        for name in TEXT_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise TLoraConfigError(f"{name} must be text, got {getattr(self, name)!r}.")
+        if not isinstance(self.training, dict):
+            raise TLoraConfigError(f"training must be a mapping of settings, got {self.training!r}.")
+        if not _whole(self.rank) or self.rank < 1:
             raise TLoraConfigError(f"rank must be a whole number >= 1, got {self.rank!r}.")
-        if not isinstance(self.min_rank, int) or not 1 <= self.min_rank <= self.rank:
+        if not _whole(self.min_rank) or not 1 <= self.min_rank <= self.rank:
             raise TLoraConfigError(
                 f"r_min must be between 1 and rank ({self.rank}), got {self.min_rank!r}. "
                 f"Use r_min = rank // 2 (the paper's default) or lower it for more diversity.")
-        if not (isinstance(self.exponent, (int, float)) and math.isfinite(self.exponent) and self.exponent > 0):
+        if not (isinstance(self.exponent, (int, float)) and not isinstance(self.exponent, bool)
+                and math.isfinite(self.exponent) and self.exponent > 0):
             raise TLoraConfigError(f"schedule exponent must be a finite number > 0, got {self.exponent!r}.")
         self.exponent = float(self.exponent)
-        if not isinstance(self.max_timestep, int) or self.max_timestep < 1:
+        if not _whole(self.max_timestep) or self.max_timestep < 1:
             raise TLoraConfigError(f"max_timestep (T) must be a whole number >= 1, got {self.max_timestep!r}.")
         if self.variant not in VARIANTS:
             raise TLoraConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
@@ -78,8 +92,8 @@ class TLoraConfig:
     def from_json(cls, text: str) -> "TLoraConfig":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TLoraConfigError(f"T-LoRA settings are not valid JSON ({exc}).") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise TLoraConfigError(f"T-LoRA settings are not valid JSON ({type(exc).__name__}: {exc}).") from exc
         if not isinstance(data, dict):
             raise TLoraConfigError("T-LoRA settings must be a JSON object.")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -320,7 +320,8 @@ class TLoraNetwork(nn.Module):
         if not path.exists():
             save_tlora(tlora, path, STORAGE_OF_DTYPE[dtype])
         else:
-            tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.safetensors")
+            # hidden, and not a model extension: no LoRA list shows it while it is being written
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
             try:
                 save_tlora(tlora, tmp, STORAGE_OF_DTYPE[dtype])
                 os.replace(tmp, path)

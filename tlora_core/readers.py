@@ -297,11 +297,11 @@ def parse_reference(tensors: dict[str, torch.Tensor], origin: str, flux: bool) -
 
 def read_reference_sdxl(path: str | os.PathLike, *, min_rank: Optional[int] = None,
                         exponent: Optional[float] = None, hparams: Optional[str | os.PathLike] = None,
-                        base_model: str = "SDXL") -> TLora:
+                        base_model: str = "SDXL", tensors: Optional[dict] = None) -> TLora:
     """Reference SD-XL `pytorch_lora_weights.safetensors` (ortho -> variant tlora, vanilla -> vanilla_tlora;
     a run of their plain `sdxl_lora` trainer class -> ortho_lora / lora, full rank at every t)."""
     path = Path(path)
-    tensors, _ = load_state_dict(path)
+    tensors = load_state_dict(path)[0] if tensors is None else tensors
     layers, ortho = parse_reference(tensors, str(path), flux=False)
     settings = _reference_settings(path, hparams, flux=False)
     variant = ("tlora" if ortho else "vanilla_tlora") if settings.masked else ("ortho_lora" if ortho else "lora")
@@ -312,10 +312,11 @@ def read_reference_sdxl(path: str | os.PathLike, *, min_rank: Optional[int] = No
 
 
 def read_reference_flux(path: str | os.PathLike, *, min_rank: Optional[int] = None,
-                        exponent: Optional[float] = None, hparams: Optional[str | os.PathLike] = None) -> TLora:
+                        exponent: Optional[float] = None, hparams: Optional[str | os.PathLike] = None,
+                        tensors: Optional[dict] = None) -> TLora:
     """Reference FLUX `lora.pt` (vanilla; variant vanilla_tlora, or lora when hparams says tlora: false)."""
     path = Path(path)
-    tensors, _ = load_state_dict(path)
+    tensors = load_state_dict(path)[0] if tensors is None else tensors
     layers, ortho = parse_reference(tensors, str(path), flux=True)
     if ortho:
         raise TLoraFormatError(f"{path}: the reference FLUX code trains vanilla adapters only, but this file "
@@ -443,12 +444,12 @@ def parse_lycoris(tensors: dict[str, torch.Tensor], origin: str, *, base_weights
 
 def read_lycoris(path: str | os.PathLike, *, min_rank: Optional[int] = None, exponent: Optional[float] = None,
                  base_weights: Optional[BaseWeights] = None, sig_type: str = "principal",
-                 base_model: str = "") -> TLora:
+                 base_model: str = "", tensors: Optional[dict] = None) -> TLora:
     """A LyCORIS algo=tlora file. `base_weights` maps layer keys to the pretrained W (or is a callable
     layer_key -> W); without it MissingBaseWeightsError says what cannot be rebuilt. `sig_type` must be
     the slice LyCORIS rebuilt with on load ('principal' unless the network was created with another)."""
     path = Path(path)
-    tensors, _ = load_state_dict(path)
+    tensors = load_state_dict(path)[0] if tensors is None else tensors
     layers = parse_lycoris(tensors, str(path), base_weights=base_weights, sig_type=sig_type)
     settings = _Settings(init=sig_type, record={"sig_type": sig_type})
     config = _make_config(_common_rank(layers, str(path)), settings, variant="tlora", base_model=base_model,
@@ -495,12 +496,12 @@ def read_any(path: str | os.PathLike, *, min_rank: Optional[int] = None, exponen
         return tlora
     if kind == FORMAT_REFERENCE_SDXL:
         return read_reference_sdxl(path, min_rank=min_rank, exponent=exponent, hparams=hparams,
-                                   base_model=base_model or "SDXL")
+                                   base_model=base_model or "SDXL", tensors=tensors)
     if kind == FORMAT_REFERENCE_FLUX:
-        return read_reference_flux(path, min_rank=min_rank, exponent=exponent, hparams=hparams)
+        return read_reference_flux(path, min_rank=min_rank, exponent=exponent, hparams=hparams, tensors=tensors)
     if kind == FORMAT_LYCORIS:
         return read_lycoris(path, min_rank=min_rank, exponent=exponent, base_weights=base_weights,
-                            sig_type=sig_type, base_model=base_model or "")
+                            sig_type=sig_type, base_model=base_model or "", tensors=tensors)
     if "tlora.format" in metadata:
         raise TLoraFormatError(
             f"{path} says tlora.format = {metadata['tlora.format']!r}; this version of the pack reads "

@@ -145,7 +145,8 @@ class AdaptedLayer:
         if call is None or not call.uniform or self.runtime.strength == 0 or self.cheaper_on_activations(call):
             return weight
         self.on_weight = True
-        dtype, strength = compute_dtype(weight), self.runtime.strength
+        # Training builds dW in float32 (a difference of two close products; autocast may still lower it).
+        dtype, strength = torch.float32 if self.trained else compute_dtype(weight), self.runtime.strength
         offset, size = self.target.rows or (0, weight.shape[0])
         rows = weight[offset:offset + size].to(dtype)
         if self.trained:  # two passes: the frozen product needs no gradient

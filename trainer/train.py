@@ -236,6 +236,12 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
         except (TLoraError, OSError) as exc:
             where = f" Last good file: {saved[-1]}." if saved else " No file was saved."
             raise TLoraError(f"{exc}{where}") from exc
+        except Exception:
+            # Anything else (out of memory, say) keeps its type, so ComfyUI's own handling still
+            # applies; the log says what survived.
+            logging.error("T-LoRA: training stopped at step %d of %d. %s", start + len(losses), settings.steps,
+                          f"Last good file: {saved[-1]}." if saved else "No file was saved.")
+            raise
     # Hand on exactly what the file holds, so sampling now and loading the file later agree bit for bit.
     return TrainResult(load_tlora(saved[-1]), saved, losses)
 

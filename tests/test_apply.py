@@ -276,3 +276,62 @@ def test_ksampler_run_equals_stock_lora_stepped_at_each_steps_rank(setup):
                                disable_pbar=True, seed=0)
     assert (x - base).norm() / base.norm() > 1e-3
     assert (got - x).norm() / x.norm() < 1e-4
+
+
+def _dense_reference_like(model_patcher, fp32_patcher, deltas):
+    """An fp32 copy of `model_patcher`'s weights (whatever dtype they are stored in) plus dW, built by hand."""
+    import comfy.model_patcher
+    model = copy.deepcopy(fp32_patcher.model)
+    model.load_state_dict({k: v.float() for k, v in model_patcher.model.state_dict().items()})
+    with torch.no_grad():
+        for key, dw in deltas.items():
+            model.get_submodule(key).weight += dw
+    return comfy.model_patcher.ModelPatcher(model, fp32_patcher.load_device, fp32_patcher.offload_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_and_bf16_base_weights_give_w_plus_dw_and_stay_unchanged(setup, tiny_sd15_checkpoint, dtype):
+    import comfy.sd
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    fp32, positive, x = setup
+    low, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_checkpoint), model_options={"dtype": dtype})
+    assert low.model.diffusion_model.input_blocks[0][0].weight.dtype == dtype
+    tlora = _tlora(low)
+    sigma = float(low.model.model_sampling.sigmas[400])
+    before = predict_x0(low, positive, x, sigma)
+    got = predict_x0(apply_tlora(low, tlora, 1.0)[0], positive, x, sigma)
+    deltas = {k: _dense_delta(f, _paper_rank(400)) for k, f in tlora.layers.items()}
+    want = predict_x0(_dense_reference_like(low, fp32, deltas), positive, x, sigma)
+    assert (want - before).norm() / before.norm() > 1e-3
+    assert (got - want).norm() / want.norm() < 1e-4
+    assert torch.equal(predict_x0(low, positive, x, sigma), before), "the unpatched model must be unchanged"
+
+
+def test_low_vram_partial_loading_gives_the_same_prediction(setup, monkeypatch):
+    """ComfyUI's low-VRAM mode keeps weights offloaded and patches them per forward through
+    weight_function (LowVramPatch); a T-LoRA stacked with a stock LoRA must give the fully loaded result."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from support.predict import predict_x0
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    patcher, positive, x = setup
+    tlora = _tlora(patcher)
+    key = next(iter(tlora.layers))
+    weight = patcher.model.get_submodule(key).weight
+    gen = torch.Generator().manual_seed(9)
+    lora = {f"{key}.lora_up.weight": 0.05 * torch.randn(weight.shape[0], 2, generator=gen),
+            f"{key}.lora_down.weight": 0.05 * torch.randn(2, weight.shape[1], generator=gen)}
+    both, _ = apply_tlora(comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)[0], tlora, 1.0)
+    sigma = float(patcher.model.model_sampling.sigmas[700])
+    full = predict_x0(both, positive, x, sigma)
+    assert not patcher.model.model_lowvram
+    mm.unload_all_models()
+    # Treat the CPU as a device without VRAM to spare: ComfyUI then loads (almost) nothing up front.
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    partial = predict_x0(both, positive, x, sigma)
+    assert patcher.model.model_lowvram, "the model was not partially loaded"
+    assert (partial - full).norm() / full.norm() < 1e-5

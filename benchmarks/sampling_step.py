@@ -393,10 +393,15 @@ def ratio_lines(values: dict, label: str, pairs) -> list[str]:
             for x, y, name, goal in pairs if x in values and y in values]
 
 
+def step_medians(times: dict) -> tuple[dict, dict]:
+    """{variant: median wall s/step}, {variant: median CPU s/step} of a timing worker's "times"."""
+    return ({v: statistics.median(x["steps"]) for v, x in times.items()},
+            {v: statistics.median(x["cpu"]) for v, x in times.items()})
+
+
 def report(timing: dict, memory: dict):
     t = timing["times"]
-    wall = {v: statistics.median(x["steps"]) for v, x in t.items()}
-    cpu = {v: statistics.median(x["cpu"]) for v, x in t.items()}
+    wall, cpu = step_medians(t)
     lat = timing["latent"]
     print(f"\ndevice {timing['device']} ({timing['threads']} threads), latent {lat}x{lat} ({lat * 8} px), batch 2 "
           f"(cond + uncond), euler; {timing['rounds']} rounds x {timing['steps']} steps per variant, interleaved; "

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sampling_step as common  # noqa: E402  (model build, memory probe, child runner)
 
-RANK, MIN_RANK, LR, PROMPT = 64, 32, 1e-4, "a photo of sks dog"
+RANK, MIN_RANK = common.RANK, common.MIN_RANK
+LR, PROMPT = 1e-4, "a photo of sks dog"
 
 
 def train_dtype() -> str:
@@ -250,8 +250,8 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
     w_eff = on_weight * 2  # a layer on the weight path keeps W + dW (bf16) for backward
     saved = c["saved_bytes"]
     total = weights + text_vae + adapters + saved + w_eff
-    lines += [f"VRAM estimate (bf16 UNet, fp16 CLIP-L + OpenCLIP-bigG, fp32 VAE kept on the GPU, fp32 T-LoRA + AdamW, "
-              f"no gradient checkpointing):",
+    lines += ["VRAM estimate (bf16 UNet, fp16 CLIP-L + OpenCLIP-bigG, fp32 VAE kept on the GPU, fp32 T-LoRA + AdamW, "
+              "no gradient checkpointing):",
               f"  UNet {weights / gib:.1f} + text encoders and VAE {text_vae / gib:.1f} + T-LoRA with grads and AdamW "
               f"{adapters / gib:.1f} + activations kept for backward {saved / gib:.1f} (counted) + W + dW copies "
               f"{w_eff / gib:.1f} ({on_weight / adapted:.0%} of the adapted weights are on the weight path) = "
@@ -267,8 +267,7 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
 
 def report(timing: dict, memory: dict, resolution: int, steps: int, rounds: int, checkpointing: bool, model: str):
     t = timing["times"]
-    wall = {v: statistics.median(x["steps"]) for v, x in t.items()}
-    cpu = {v: statistics.median(x["cpu"]) for v, x in t.items()}
+    wall, cpu = common.step_medians(t)
     print(f"\ndevice {timing['device']} ({timing['threads']} threads); {model}, {resolution} px, batch 1, "
           f"rank {RANK}, gradient checkpointing {'on' if checkpointing else 'off'}; {rounds} rounds x {steps} "
           f"steps per trainer, interleaved, first step of each run not timed")

@@ -9,7 +9,6 @@ import errno
 import json
 import logging
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path

@@ -114,22 +114,6 @@ def stack_width(f: LayerFactors) -> int:
     return 2 if f.has_base else 1
 
 
-def stacked_delta(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, width: int,
-                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """left · diag(mask) · right · x for x [batch, ..., in], from stacked_factors' output.
-
-    mask: None, (k,) or (batch, k) over the k components in left/right; each component's `width`
-    stacked columns share its entry.
-    """
-    h = F.linear(x, right)
-    if mask is not None:
-        gains = mask.to(h.dtype).repeat_interleave(width, dim=-1)
-        if gains.dim() == 2:
-            gains = gains.reshape(gains.shape[0], *([1] * (h.dim() - 2)), gains.shape[1])
-        h = h * gains
-    return F.linear(h, left)
-
-
 def _gains(scale: Optional[torch.Tensor], mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     """S ⊙ m as (k,) or (batch, k); None when both are absent (all ones)."""
     if scale is None:
@@ -146,6 +130,17 @@ def _low_rank(x, down, up, gains):
             gains = gains.reshape(gains.shape[0], *([1] * (h.dim() - 2)), gains.shape[1])
         h = h * gains
     return F.linear(h, up)
+
+
+def stacked_delta(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, width: int,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """left · diag(mask) · right · x for x [batch, ..., in], from stacked_factors' output.
+
+    mask: None, (k,) or (batch, k) over the k components in left/right; each component's `width`
+    stacked columns share its entry.
+    """
+    gains = None if mask is None else mask.to(x.dtype).repeat_interleave(width, dim=-1)
+    return _low_rank(x, right, left, gains)
 
 
 def masked_delta(x: torch.Tensor, f: LayerFactors, mask: Optional[torch.Tensor] = None,

@@ -136,7 +136,7 @@ def write_new_file(path: str | os.PathLike, write) -> Path:
     """
     path = Path(path)
     if path.exists():
-        raise TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
+        raise _exists_error(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -158,15 +158,19 @@ def write_new_file(path: str | os.PathLike, write) -> Path:
         try:
             os.link(tmp, path)  # fails if path appeared meanwhile: no overwrite, even in a race
         except FileExistsError:
-            raise TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
+            raise _exists_error(path)
         except OSError:
             if path.exists():
-                raise TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
+                raise _exists_error(path)
             os.replace(tmp, path)  # file systems without hard links
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _exists_error(path: Path) -> TLoraError:
+    return TLoraError(f"{path} already exists; it is never overwritten. Choose another file name.")
 
 
 def _save_error(path: Path, exc: BaseException) -> TLoraSaveError:

@@ -110,7 +110,6 @@ class AdaptedLayer:
         self.runtime, self.target, self.factors = runtime, target, factors
         self.width = stack_width(factors)
         self.handles: list = []
-        self.weight_path = True  # False for plain torch Linears, which ignore weight_function
         self.trained = False  # factors that require grad: two-pass forms, nothing cached
         self.rows: Optional[int] = None  # rows of the input in progress, to pick the cheaper path
         self.on_weight = False  # weight_function added dW for the forward pass in progress
@@ -229,9 +228,8 @@ class TLoraRuntime:
         for layer in self.layers:
             module = model.get_submodule(layer.target.module_path)
             layer.trained = any(t.requires_grad for t in layer.factors.tensors().values())
-            # ComfyUI's ops read weight_function; a plain torch Linear would ignore it.
-            layer.weight_path = hasattr(module, "comfy_cast_weights")
-            # Instance list, never the class attribute shared by every Linear.
+            # Instance list, never the class attribute shared by every Linear. A plain torch Linear
+            # ignores weight_function: on_weight then stays False and the forward hook adds dW.
             module.weight_function = list(getattr(module, "weight_function", [])) + [layer.weight_function]
             layer.handles = [module.register_forward_pre_hook(layer.pre_hook),
                              module.register_forward_hook(layer.forward_hook)]

@@ -109,7 +109,7 @@ def build_sd15_unet(dtype: torch.dtype, seed: int = 0):
 def target_layers(patcher) -> dict[str, torch.nn.Module]:
     """The 128 attention projections, keyed `diffusion_model.<path>` (the trainer's own finder)."""
     from tlora_pack.trainer.train import find_target_layers
-    return find_target_layers(patcher.model.diffusion_model, "attention")
+    return find_target_layers(patcher.model, "attention")
 
 
 def random_tlora(layers: dict, seed: int = 1):

@@ -16,7 +16,7 @@ def _tlora(patcher, seed=0, rank=RANK, min_rank=MIN_RANK, variant="tlora"):
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
-    layers = find_target_layers(patcher.model.diffusion_model, "attention")
+    layers = find_target_layers(patcher.model, "attention")
     settings = TrainSettings(rank=rank, min_rank=min_rank, seed=seed, variant=variant)
     config = TLoraConfig(rank=rank, min_rank=min_rank, variant=variant, base_model="SD15")
     factors = new_factors(layers, settings, config.ortho, torch.device("cpu"))
@@ -115,7 +115,7 @@ def test_untrained_tlora_leaves_every_prediction_exactly_unchanged(setup, path):
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
     patcher, positive, x = setup
-    layers = find_target_layers(patcher.model.diffusion_model, "attention")
+    layers = find_target_layers(patcher.model, "attention")
     config = TLoraConfig(rank=RANK, min_rank=MIN_RANK, base_model="SD15")
     tlora = TLora(config, new_factors(layers, TrainSettings(rank=RANK, min_rank=MIN_RANK), True, torch.device("cpu")))
     patched, _ = apply_tlora(patcher, tlora, 1.0)

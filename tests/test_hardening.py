@@ -266,7 +266,7 @@ def tiny_factors(tiny_sd15):
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
-    layers = find_target_layers(tiny_sd15[0].model.diffusion_model, "attention")
+    layers = find_target_layers(tiny_sd15[0].model, "attention")
     return new_factors(layers, TrainSettings(rank=2, min_rank=1, variant="lora"), False, torch.device("cpu"))
 
 

@@ -216,6 +216,6 @@ def test_discrete_sigma_to_rank_end_to_end():
 def test_flow_sigma_is_scaled_to_T():
     sigma = torch.tensor([0.0, 0.25, 0.5, 1.0])
     assert schedule.t_from_sigma_flow(sigma).tolist() == [0.0, 250.0, 500.0, 1000.0]
-    assert schedule.t_from_sigma_flow(torch.tensor([0.5]), multiplier=1.0).tolist() == [0.5]
+    assert schedule.t_from_sigma_flow(torch.tensor([0.5]), T=500).tolist() == [250.0]
     # sigma 1 (pure noise) gives r_min; sigma 0 the full rank; sigma 0.5 -> 32*0.5 + 32 = 48.
     assert schedule.ranks_for_timesteps(schedule.t_from_sigma_flow(sigma), 64, 32) == [64, 56, 48, 32]

@@ -19,7 +19,7 @@ VARIANTS = {
 ORTHO_INITS = ("last", "middle", "principal")
 
 
-TEXT_FIELDS = ("variant", "init", "base_model", "trigger", "class_word", "source")
+TEXT_FIELDS = ("variant", "init", "base_model", "family", "trigger", "class_word", "source")
 
 
 def _whole(value) -> bool:
@@ -37,11 +37,15 @@ class TLoraConfig:
     max_timestep: int = field(default=DEFAULT_T, metadata={"help": "T of Eq. 5"})
     variant: str = field(default="tlora", metadata={"help": "one of " + ", ".join(VARIANTS)})
     init: str = field(default="last", metadata={"help": "ortho init: last | middle | principal"})
-    base_model: str = field(default="", metadata={"help": "model family trained on, e.g. SD15, SDXL, Flux"})
+    base_model: str = field(default="", metadata={"help": "ComfyUI config class trained on, e.g. SD15, SDXL, Flux"})
+    family: str = field(default="", metadata={"help": "model family (tlora_core.families), e.g. SD-XL, Flux"})
     trigger: str = field(default="", metadata={"help": "trigger word used in training prompts"})
     class_word: str = field(default="", metadata={"help": "class noun of the subject, e.g. dog"})
     source: str = field(default="", metadata={"help": "where the tensors came from (trainer, reader name)"})
     training: dict = field(default_factory=dict, metadata={"help": "training settings, for the record"})
+    fused: dict = field(default_factory=dict, metadata={
+        "help": "layer key -> [module path, row offset, rows, all rows] for adapters on a slice of a fused "
+                "weight (one projection of Flux's qkv, say); whole-weight layers are not listed"})
 
     def __post_init__(self):
         for name in TEXT_FIELDS:
@@ -49,6 +53,7 @@ class TLoraConfig:
                 raise TLoraConfigError(f"{name} must be text, got {getattr(self, name)!r}.")
         if not isinstance(self.training, dict):
             raise TLoraConfigError(f"training must be a mapping of settings, got {self.training!r}.")
+        self._check_fused()
         if not _whole(self.rank) or self.rank < 1:
             raise TLoraConfigError(f"rank must be a whole number >= 1, got {self.rank!r}.")
         if not _whole(self.min_rank) or not 1 <= self.min_rank <= self.rank:
@@ -65,6 +70,17 @@ class TLoraConfig:
             raise TLoraConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
         if self.ortho and self.init not in ORTHO_INITS:
             raise TLoraConfigError(f"unknown init {self.init!r}; choose one of {', '.join(ORTHO_INITS)}.")
+
+    def _check_fused(self):
+        if not isinstance(self.fused, dict):
+            raise TLoraConfigError(f"fused must be a mapping of layer keys, got {self.fused!r}.")
+        for key, value in self.fused.items():
+            ok = (isinstance(key, str) and isinstance(value, (list, tuple)) and len(value) == 4
+                  and isinstance(value[0], str) and all(_whole(v) for v in value[1:]))
+            if not ok or not (0 <= value[1] and 1 <= value[2] and value[1] + value[2] <= value[3]):
+                raise TLoraConfigError(f"fused entry {key!r} = {value!r} is not [module path, row offset, rows, "
+                                       f"all rows] with the rows inside the weight.")
+        self.fused = {key: list(value) for key, value in self.fused.items()}
 
     @property
     def ortho(self) -> bool:

@@ -140,6 +140,25 @@ def _export_layer(f: LayerFactors, frozen: torch.Tensor, rank: Optional[int], re
     return stored_up, stored_down, err, norm
 
 
+def _put_lora(out: dict, key: str, up: torch.Tensor, down: torch.Tensor):
+    out[f"{key}.lora_up.weight"], out[f"{key}.lora_down.weight"] = up, down
+    out[f"{key}.alpha"] = torch.tensor(float(up.shape[1]), dtype=up.dtype)  # scale alpha/rank = 1
+
+
+def _whole_weight_factors(rows: int, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA on a whole fused weight from the adapters of its projections: their down factors
+    stacked, their up factors placed block-diagonally at each projection's rows (zeros elsewhere), so
+    up @ down is every projection's dW in its own rows and nothing in the others: exact, and a stock
+    loader that knows only the fused weight reads it."""
+    width = sum(up.shape[1] for _, up, _ in parts)
+    up_all = torch.zeros(rows, width, dtype=parts[0][1].dtype)
+    col = 0
+    for offset, up, _ in parts:
+        up_all[offset:offset + up.shape[0], col:col + up.shape[1]] = up
+        col += up.shape[1]
+    return up_all, torch.cat([down for _, _, down in parts], dim=0).contiguous()
+
+
 def export_standard_lora(tlora: TLora, *, rank: Optional[int] = None, timestep: float = 0.0,
                          mask: Optional[torch.Tensor] = None, storage: str = "fp32",
                          refactor: bool = True) -> tuple[dict[str, torch.Tensor], ExportReport]:
@@ -149,7 +168,8 @@ def export_standard_lora(tlora: TLora, *, rank: Optional[int] = None, timestep: 
     rank k: SVD-compressed to at most k. `refactor` (exact mode) stores dW's orthogonal re-factoring instead of
     the literal [B S m, −B0 S0 m] / [A; A0]: the same product, but the two halves of the literal form nearly
     cancel, so fp16/bf16 rounding of them costs ||B S A|| / ||dW|| times more. Layers whose dW is zero at
-    this mask are left out (a loader has nothing to add for them).
+    this mask are left out (a loader has nothing to add for them). Adapters on projections of one fused
+    weight (TLoraConfig.fused) become one LoRA on that whole weight, named by its module path.
     """
     if storage not in STORAGE_DTYPES:
         raise TLoraError(f"unknown storage dtype {storage!r}; choose one of {', '.join(STORAGE_DTYPES)}.")
@@ -159,16 +179,22 @@ def export_standard_lora(tlora: TLora, *, rank: Optional[int] = None, timestep: 
     report = ExportReport(mode="exact" if rank is None else "svd", timestep=None if mask is not None else timestep,
                           kept=int(torch.count_nonzero(frozen)), requested_rank=rank, storage=storage)
     out: dict[str, torch.Tensor] = {}
+    fused: dict[str, tuple[int, list]] = {}  # fused weight -> (its rows, [(row offset, up, down)])
     total_err2 = total_norm2 = 0.0
     for key, f in tlora.layers.items():
         up, down, err, norm = _export_layer(f, frozen, rank, refactor, STORAGE_DTYPES[storage])
         total_err2, total_norm2 = total_err2 + err ** 2, total_norm2 + norm ** 2
         if norm == 0.0 or up.shape[1] == 0:
             continue
-        out[f"{key}.lora_up.weight"], out[f"{key}.lora_down.weight"] = up, down
-        out[f"{key}.alpha"] = torch.tensor(float(up.shape[1]), dtype=up.dtype)
         report.layer_ranks[key] = up.shape[1]
         report.layer_errors[key] = err / norm
+        if key in tlora.config.fused:
+            module, offset, _, rows = tlora.config.fused[key]
+            fused.setdefault(module, (rows, []))[1].append((offset, up, down))
+        else:
+            _put_lora(out, key, up, down)
+    for module, (rows, parts) in fused.items():
+        _put_lora(out, module, *_whole_weight_factors(rows, parts))
     report.overall_error = math.sqrt(total_err2 / total_norm2) if total_norm2 > 0 else 0.0
     if not out:
         raise TLoraError("every layer's update is zero at this timestep: nothing to export (an untrained T-LoRA?).")

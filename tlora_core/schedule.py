@@ -44,12 +44,31 @@ def rank_masks(t: torch.Tensor, rank: int, min_rank: int, exponent: float = 1.0,
 
 
 def t_from_sigma_discrete(sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Discrete-time models (SD1.5, SD-XL): t is the index of the nearest training sigma (log scale)."""
+    """t as the index of the nearest sigma of a discrete schedule (log scale)."""
     log_sigmas = sigmas.to(sigma.device, torch.float32).log()
     dists = sigma.to(torch.float32).reshape(-1).log().unsqueeze(0) - log_sigmas.unsqueeze(1)
     return dists.abs().argmin(dim=0).to(torch.float32).reshape(sigma.shape)
 
 
-def t_from_sigma_flow(sigma: torch.Tensor, multiplier: float = float(DEFAULT_T)) -> torch.Tensor:
-    """Rectified-flow models (SD3, Flux): sigma runs over [0, 1], so t = multiplier * sigma."""
-    return sigma.to(torch.float32) * multiplier
+def t_from_sigma_flow(sigma: torch.Tensor, T: int = DEFAULT_T) -> torch.Tensor:
+    """Rectified-flow models (SD3, Flux, Lumina 2, Qwen-Image, ...): sigma is the flow time in [0, 1],
+    so the paper's t is T * sigma, whatever multiplier the model feeds its own time embedding."""
+    return sigma.to(torch.float32) * T
+
+
+def standard_sd_sigmas(steps: int = DEFAULT_T, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """The sigmas of Stable Diffusion's training schedule ("scaled linear" betas), index t = 0..steps-1.
+
+    sigma_t = sqrt((1 - abar_t) / abar_t), the noise-to-signal ratio that ComfyUI's samplers use.
+    """
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    return ((1 - abar) / abar).sqrt().to(torch.float32)
+
+
+def t_from_sigma_sd_schedule(sigma: torch.Tensor) -> torch.Tensor:
+    """Continuous-sigma models without training timesteps (EDM, Playground 2.5, Cosmos): t of the
+    standard SD schedule at the same sigma. Sigma is the same noise-to-signal ratio in both, so
+    equal sigma means an equally noisy input, which is what the paper's t measures; sigmas past the
+    schedule's ends map to t = 0 and t = 999."""
+    return t_from_sigma_discrete(sigma, standard_sd_sigmas())

@@ -25,9 +25,10 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
     raise TLoraError(f"IMAGE has {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
 
 
-def pick_resolution(height: int, width: int, requested: int, native: int) -> int:
-    """requested > 0 wins; else the shorter side, capped at the model's native size, multiple of 64."""
-    side = requested if requested > 0 else min(height, width, native)
+def pick_resolution(requested: int, native: int) -> int:
+    """requested > 0 wins; else the model's native size, as the paper trains SD-XL at 1024 whatever the
+    photo's size (a smaller photo is upscaled); a multiple of 64."""
+    side = requested if requested > 0 else native
     return max(64, side // 64 * 64)
 
 
@@ -51,7 +52,7 @@ def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution
     if max(h, w) > 4 * MAX_RESOLUTION:
         raise TLoraError(f"the IMAGE is {w}x{h}; images over {4 * MAX_RESOLUTION} px per side are refused. "
                          f"Downscale it first (e.g. with ImageScale).")
-    size = pick_resolution(h, w, resolution, native)
+    size = pick_resolution(resolution, native)
     if size > MAX_RESOLUTION:
         raise TLoraError(f"resolution {size} is larger than {MAX_RESOLUTION}; choose a smaller resolution.")
     pixels = centre_crop_resize(rgb, size)

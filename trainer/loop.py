@@ -6,6 +6,7 @@ run the model's wrappers, so the T-LoRA runtime sets each step's rank mask from 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -17,23 +18,16 @@ import comfy.model_sampling as ms_lib
 import comfy.samplers
 
 from ..tlora_core.errors import TLoraError
-from ..tlora_core.schedule import DEFAULT_T
 
 
-def draw_timesteps(model_sampling, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """t per sample, uniform as in the paper: integers 0..T-1 for discrete models, reals for flow ones."""
-    if isinstance(model_sampling, (ms_lib.ModelSamplingDiscreteFlow, ms_lib.ModelSamplingFlux)):
-        return torch.rand(batch, generator=generator) * DEFAULT_T
-    return torch.randint(0, DEFAULT_T, (batch,), generator=generator).float()
-
-
-def sigmas_for(model_sampling, t: torch.Tensor) -> torch.Tensor:
-    """The sigma ComfyUI uses for timestep t (the inverse of trainer.timesteps)."""
-    if isinstance(model_sampling, ms_lib.ModelSamplingDiscreteFlow):
-        return model_sampling.sigma(t * (model_sampling.multiplier / DEFAULT_T))
-    if isinstance(model_sampling, ms_lib.ModelSamplingFlux):
-        return model_sampling.sigma(t / DEFAULT_T)
-    return model_sampling.sigmas[t.long()].float()
+def draw_sigmas(model_sampling, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels for a training batch: uniform over the model's own sigma table, as the paper draws t
+    uniformly. For discrete models that is t uniform in 0..999; for flow models it is the flow time
+    drawn uniformly and shifted as the model's schedule shifts it (ComfyUI's table for SD3, Flux,
+    Lumina 2, ...); for LCM its 50 original timesteps. The rank mask then follows the sigma actually
+    used (trainer.timesteps), exactly as at inference."""
+    table = model_sampling.sigmas.float()
+    return table.cpu()[torch.randint(0, table.shape[0], (batch,), generator=generator)]
 
 
 def loss_weights(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
@@ -48,6 +42,14 @@ def loss_weights(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
         sd = float(model_sampling.sigma_data)
         return (sigma ** 2 + sd ** 2) / (sigma ** 2 * sd ** 2)
     return 1.0 / sigma ** 2
+
+
+def saved_copies(enabled: bool):
+    """Autograd keeps copies of the tensors it saves for backward, so a model that then changes them in
+    place (Flux's `x += ...` residual adds) still back-propagates correctly; costs their memory once more."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t)
 
 
 class PositiveOnlyGuider(comfy.samplers.CFGGuider):
@@ -76,9 +78,10 @@ class TrainSampler(comfy.samplers.Sampler):
     """A 'sampler' whose sample() runs the optimisation loop and returns the latent unchanged."""
 
     def __init__(self, pixel_weights: Optional[torch.Tensor], batch_size: int, optimizer: torch.optim.Optimizer,
-                 steps: int, seed: int, autocast_dtype: Optional[torch.dtype], hooks: LoopHooks, runtime):
+                 steps: int, seed: int, autocast_dtype: Optional[torch.dtype], hooks: LoopHooks, runtime,
+                 copy_saved: bool = False):
         self.pixel_weights, self.batch_size, self.optimizer = pixel_weights, batch_size, optimizer
-        self.runtime = runtime
+        self.runtime, self.copy_saved = runtime, copy_saved
         self.steps, self.autocast_dtype, self.hooks = steps, autocast_dtype, hooks
         self.generator = torch.Generator(device="cpu").manual_seed(seed + hooks.start_step)
 
@@ -99,18 +102,20 @@ class TrainSampler(comfy.samplers.Sampler):
         n = self.batch_size
         pick = torch.randint(0, latents.shape[0], (n,), generator=self.generator)
         x0 = latents[pick.to(latents.device)]
-        t = draw_timesteps(model_sampling, n, self.generator)
-        sigma = sigmas_for(model_sampling, t).to(x0.device, torch.float32)
+        sigma = draw_sigmas(model_sampling, n, self.generator).to(x0.device, torch.float32)
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
         xt = model_sampling.noise_scaling(sigma, noise, x0, False)
-        with torch.autocast(x0.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with torch.autocast(x0.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
+                saved_copies(self.copy_saved):
             denoised = model_wrap(xt, sigma, **extra_args)
         err = (denoised.float() - x0.float()) ** 2
+        dims = tuple(range(1, err.dim()))  # [batch, channels, (frames,) height, width]
         if weights is not None:
-            w = weights[pick.to(weights.device)]
-            per_sample = (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+            w = weights[pick.to(weights.device)]  # [batch, 1, height, width]
+            w = w.reshape(w.shape[0], 1, *([1] * (err.dim() - 4)), *w.shape[-2:]).expand_as(err)
+            per_sample = (err * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1e-8)
         else:
-            per_sample = err.mean(dim=(1, 2, 3))
+            per_sample = err.mean(dim=dims)
         loss = (per_sample * loss_weights(model_sampling, sigma)).mean()
         value = float(loss.detach())
         if not math.isfinite(value):

@@ -28,6 +28,7 @@ import comfy.patcher_extension as pe
 from ..tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weight, masked_delta, stack_width,
                                   stacked_delta, stacked_factors)
 from ..tlora_core.errors import TLoraError
+from ..tlora_core.families import family_for
 from ..tlora_core.format import TLora
 from ..tlora_core.schedule import prefix_masks, ranks_for_timesteps
 from .timesteps import timesteps_from_sigmas
@@ -64,11 +65,26 @@ class Schedule:
     max_timestep: int
 
 
-def resolve_targets(model, layer_keys, key_map: Optional[dict] = None) -> tuple[dict[str, Target], list[str]]:
-    """Map T-LoRA layer keys to modules through ComfyUI's own LoRA key map; returns (found, missing)."""
+def resolve_targets(model, layer_keys, key_map: Optional[dict] = None,
+                    fused: Optional[dict] = None) -> tuple[dict[str, Target], list[str]]:
+    """Map T-LoRA layer keys to modules; returns (found, missing).
+
+    Keys on a slice of a fused weight find their rows in the file's own record (TLoraConfig.fused),
+    checked against the model's weight; every other key goes through ComfyUI's own LoRA key map
+    (which also knows other trainers' names, and the fused slices of some families).
+    """
     key_map = comfy.lora.model_lora_keys_unet(model, {}) if key_map is None else key_map
+    fused = fused or {}
     found, missing = {}, []
     for key in layer_keys:
+        if key in fused:
+            module_path, offset, size, total = fused[key]
+            weight = getattr(_submodule(model, module_path), "weight", None)
+            if weight is None or weight.dim() != 2 or weight.shape[0] != total:
+                missing.append(key)
+                continue
+            found[key] = Target(key, module_path, (offset, size))
+            continue
         target = key_map.get(key) or key_map.get(f"diffusion_model.{key}")
         if target is None:
             missing.append(key)
@@ -85,6 +101,28 @@ def resolve_targets(model, layer_keys, key_map: Optional[dict] = None) -> tuple[
             continue
         found[key] = Target(key, target[: -len(".weight")], rows)
     return found, missing
+
+
+def _submodule(model, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, name))
+
+
+def weight_path_exact(module, weight: torch.Tensor) -> bool:
+    """Whether W + dW handed back by a weight function is what the layer multiplies by.
+
+    Not for fp8 bases: ComfyUI's fp8 matmul path hands weight functions the fp8 weight itself (the sum
+    would be rounded to fp8), and its legacy scaled-fp8 layers multiply the result by their
+    `scale_weight` afterwards. Those layers add dW on activations instead (the forward hook), which is
+    exact whatever the base's storage, and the base stays fp8.
+    """
+    return weight.dtype not in FP8_DTYPES and not torch.is_tensor(getattr(module, "scale_weight", None))
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -114,6 +152,7 @@ class AdaptedLayer:
         self.rows: Optional[int] = None  # rows of the input in progress, to pick the cheaper path
         self.on_weight = False  # weight_function added dW for the forward pass in progress
         self.cache: dict = {}  # (device, dtype) -> stacked factors at full rank
+        self.module: Optional[torch.nn.Module] = None  # the Linear, while injected
 
     def stacked(self, device, dtype, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """stacked_factors of the first k components on `device` in `dtype` (sampling only).
@@ -141,7 +180,8 @@ class AdaptedLayer:
     def weight_function(self, weight: torch.Tensor) -> torch.Tensor:
         self.on_weight = False
         call = self.runtime.current
-        if call is None or not call.uniform or self.runtime.strength == 0 or self.cheaper_on_activations(call):
+        if (call is None or not call.uniform or self.runtime.strength == 0 or self.cheaper_on_activations(call)
+                or not weight_path_exact(self.module, weight)):
             return weight
         self.on_weight = True
         # Training builds dW in float32 (a difference of two close products; autocast may still lower it).
@@ -227,6 +267,7 @@ class TLoraRuntime:
         model = patcher.model
         for layer in self.layers:
             module = model.get_submodule(layer.target.module_path)
+            layer.module = module
             layer.trained = any(t.requires_grad for t in layer.factors.tensors().values())
             # Instance list, never the class attribute shared by every Linear. A plain torch Linear
             # ignores weight_function: on_weight then stays False and the forward hook adds dW.
@@ -243,26 +284,24 @@ class TLoraRuntime:
             for handle in layer.handles:
                 handle.remove()
             layer.handles = []
+            layer.module = None
             layer.cache.clear()  # the device copies go with the model
 
 
-FAMILIES = (("sdxl", "SD-XL"), ("sd15", "SD1.x"), ("sd1", "SD1.x"), ("sd2", "SD2.x"), ("sd3", "SD3"),
-            ("flux", "Flux"))
-
-
-def model_family(name: str) -> Optional[str]:
-    """A coarse family for a base-model name (ComfyUI config class or file metadata), None if unknown."""
-    lowered = name.lower().replace("-", "").replace(".", "")
-    return next((family for prefix, family in FAMILIES if lowered.startswith(prefix)), None)
+def family_of(name: str) -> Optional[str]:
+    """The family (tlora_core.families) of a config class name, None if unknown."""
+    family = family_for(name)
+    return None if family is None else family.name
 
 
 def check_family(model, tlora: TLora):
     """Refuse a T-LoRA whose metadata names another model family than the model it is applied to."""
-    model_name = type(model.model_config).__name__
-    wanted, have = model_family(tlora.config.base_model), model_family(model_name)
-    if wanted and have and wanted != have:
+    names = [cls.__name__ for cls in type(model.model_config).__mro__]
+    have = family_for(names)
+    wanted = tlora.config.family or family_of(tlora.config.base_model)
+    if wanted and have and wanted != have.name:
         raise TLoraError(f"this T-LoRA was made for {wanted} ({tlora.config.base_model}) but the model is "
-                         f"{have} ({model_name}). Load a {wanted} checkpoint, or a T-LoRA trained on this one.")
+                         f"{have.name} ({names[0]}). Load a {wanted} checkpoint, or a T-LoRA trained on this one.")
 
 
 def base_weight_lookup(model):
@@ -306,7 +345,7 @@ def apply_tlora(model_patcher, tlora: TLora, strength: float = 1.0, min_rank: Op
     if not schedule.exponent > 0:
         raise TLoraError(f"schedule exponent must be > 0, got {schedule.exponent}.")
     check_family(model_patcher.model, tlora)
-    targets, missing = resolve_targets(model_patcher.model, tlora.layers.keys())
+    targets, missing = resolve_targets(model_patcher.model, tlora.layers.keys(), fused=cfg.fused)
     if not targets:
         raise TLoraError(
             f"none of the T-LoRA's {len(tlora.layers)} layers (e.g. {next(iter(tlora.layers), '?')}) match "

@@ -7,16 +7,9 @@ from dataclasses import dataclass, field
 
 from ..tlora_core.config import ORTHO_INITS, VARIANTS
 from ..tlora_core.errors import TLoraConfigError
+from ..tlora_core.families import TARGET_SETS
 from ..tlora_core.format import STORAGE_DTYPES
 
-TARGETS = {
-    # which Linear layers get an adapter, by the end of their module path
-    "attention": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
-    "attention+feedforward": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                              "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
-                              "ff.net.0.proj", "ff.net.2"),
-}
 TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -42,7 +35,7 @@ class TrainSettings:
     weight_decay: float = 1e-4
     batch_size: int = 1
     seed: int = 0
-    resolution: int = field(default=0, metadata={"help": "0: from the image, capped at the model's size"})
+    resolution: int = field(default=0, metadata={"help": "0: the model family's native size (paper: centre crop + resize)"})
     targets: str = "attention"
     gradient_checkpointing: bool = False
     training_dtype: str = "auto"
@@ -74,8 +67,8 @@ class TrainSettings:
             bad("exponent", "must be a finite number > 0.")
         if not _whole(self.batch_size) or self.batch_size < 1:
             bad("batch_size", "must be >= 1.")
-        if self.targets not in TARGETS:
-            bad("targets", f"choose one of {', '.join(TARGETS)}.")
+        if self.targets not in TARGET_SETS:
+            bad("targets", f"choose one of {', '.join(TARGET_SETS)}.")
         if self.training_dtype not in TRAINING_DTYPES:
             bad("training_dtype", f"choose one of {', '.join(TRAINING_DTYPES)}.")
         if self.storage not in STORAGE_DTYPES:

@@ -17,15 +17,15 @@ import comfy.patcher_extension as pe
 from ..tlora_core.adapter import TRAINABLE_FIELDS, LayerFactors
 from ..tlora_core.config import TLoraConfig
 from ..tlora_core.errors import TLoraError
+from ..tlora_core.families import FAMILIES, Family, Site, family_for, find_sites
 from ..tlora_core.format import TLora, load_tlora, save_tlora
 from ..tlora_core.init import init_factors
 from .data import prepare_images
 from .files import next_free_path
 from .loop import LoopHooks, PositiveOnlyGuider, TrainSampler
 from .runtime import apply_tlora
-from .settings import TARGETS, TrainSettings
+from .settings import TrainSettings
 
-NATIVE_RESOLUTION = {"SD15": 512, "SD20": 768, "SD21UnclipL": 768, "SD21UnclipH": 768}
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -36,21 +36,38 @@ class TrainResult:
     losses: list[float]
 
 
-def find_target_layers(diffusion_model: torch.nn.Module, targets: str) -> dict[str, torch.nn.Module]:
-    """Linear layers whose path ends with one of the target suffixes, keyed `diffusion_model.<path>`."""
-    suffixes = tuple("." + s for s in TARGETS[targets])
-    found = {f"diffusion_model.{name}": m for name, m in diffusion_model.named_modules()
-             if name.endswith(suffixes) and getattr(m, "weight", None) is not None and m.weight.dim() == 2}
-    if not found:
-        raise TLoraError(f"this model has no layers named like {', '.join(TARGETS[targets])}; "
-                         f"T-LoRA training supports UNet models with attention blocks (SD1.5, SD-XL).")
-    return found
+def model_family(base_model) -> Family:
+    """The family table entry of a ComfyUI BaseModel, from its config class and that class's bases."""
+    names = [cls.__name__ for cls in type(base_model.model_config).__mro__]
+    family = family_for(names)
+    if family is None:
+        raise TLoraError(f"T-LoRA training does not know the model family {names[0]} yet; it supports "
+                         f"{', '.join(f.name for f in FAMILIES)}.")
+    return family
 
 
-def new_factors(layers: dict[str, torch.nn.Module], s: TrainSettings, ortho: bool, device) -> dict[str, LayerFactors]:
-    """Seeded initial factors per layer, on the training device, float32."""
-    return {key: init_factors(ortho, m.weight.shape[1], m.weight.shape[0], s.rank, s.init, s.seed, key,
-                              device=device) for key, m in layers.items()}
+def find_target_layers(base_model, targets: str) -> dict[str, Site]:
+    """The adapter sites of a target set in a ComfyUI BaseModel (one per projection of fused weights)."""
+    family = model_family(base_model)
+    rules = family.rules(targets)
+    sites = find_sites(base_model.diffusion_model, rules)
+    if not sites:
+        raise TLoraError(f"this {type(base_model.model_config).__name__} model has no layers matching the "
+                         f"{family.name} {targets!r} targets ({', '.join(r.pattern for r in rules)}).")
+    return sites
+
+
+def fused_record(base_model, sites: dict[str, Site]) -> dict[str, list]:
+    """TLoraConfig.fused for the sites on slices of fused weights: the file names its own rows."""
+    return {key: [site.module_path, site.rows[0], site.rows[1],
+                  base_model.get_submodule(site.module_path).weight.shape[0]]
+            for key, site in sites.items() if site.rows is not None}
+
+
+def new_factors(sites: dict[str, Site], s: TrainSettings, ortho: bool, device) -> dict[str, LayerFactors]:
+    """Seeded initial factors per adapter site, on the training device, float32."""
+    return {key: init_factors(ortho, site.in_features, site.out_features, s.rank, s.init, s.seed, key,
+                              device=device) for key, site in sites.items()}
 
 
 def make_trainable(tlora: TLora, device) -> list[torch.Tensor]:
@@ -102,8 +119,23 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
             del unit.forward
 
 
-def encode(vae, clip, pixels: torch.Tensor, weights: Optional[torch.Tensor], prompt: str):
-    """Latents, latent-size loss weights and the prompt's conditioning, computed once, without gradients.
+def training_conditioning(clip, conditioning, prompt: str, guidance: Optional[float]):
+    """The CONDITIONING to train with: the one given (any encoder node's output, e.g. CLIPTextEncode +
+    FluxGuidance), else the prompt encoded with `clip`. With the prompt, guidance-distilled models get
+    the family's training guidance (the reference FLUX recipe trains at 1; ComfyUI would use 3.5)."""
+    if conditioning is not None:
+        return conditioning
+    if clip is None:
+        raise TLoraError("the Train node needs a text conditioning: connect a CLIP (the prompt is encoded with "
+                         "it) or a CONDITIONING from your model's own text-encoder nodes.")
+    encoded = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    if guidance is None:
+        return encoded
+    return [[c, {"guidance": guidance, **extra}] for c, extra in encoded]
+
+
+def encode(vae, positive, pixels: torch.Tensor, weights: Optional[torch.Tensor]):
+    """Latents, latent-size loss weights and the conditioning, computed once, without gradients.
 
     Cloned so that they are ordinary tensors even when ComfyUI runs the node in inference mode.
     """
@@ -112,7 +144,6 @@ def encode(vae, clip, pixels: torch.Tensor, weights: Optional[torch.Tensor], pro
         lw = None
         if weights is not None:
             lw = F.interpolate(weights.unsqueeze(1).float(), size=latents.shape[-2:], mode="area").clone()
-        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         positive = [[c[0].clone(), {k: (v.clone() if torch.is_tensor(v) else v) for k, v in c[1].items()}]
                     for c in positive]
     return latents, lw, positive
@@ -180,24 +211,30 @@ def resolve_dtype(name: str, device) -> Optional[torch.dtype]:
 
 def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tensor], settings: TrainSettings,
                 output_folder: str, prefix: str, resume: Optional[TLora] = None,
-                progress: Optional[Callable[[int, int, float], None]] = None) -> TrainResult:
-    """Train a T-LoRA on `model` (never modified) and save it under output_folder/prefix_NNNNN.safetensors."""
-    base_model = type(model.model.model_config).__name__
-    pixels, weights = prepare_images(image, mask, settings.resolution, NATIVE_RESOLUTION.get(base_model, 1024))
+                progress: Optional[Callable[[int, int, float], None]] = None, conditioning=None) -> TrainResult:
+    """Train a T-LoRA on `model` (never modified) and save it under output_folder/prefix_NNNNN.safetensors.
+
+    The prompt is encoded with `clip` unless a ready `conditioning` is given.
+    """
+    family = model_family(model.model)
+    pixels, weights = prepare_images(image, mask, settings.resolution, family.recipe.resolution)
+    sites = find_target_layers(model.model, settings.targets) if resume is None else None
     config = TLoraConfig(rank=settings.rank, min_rank=settings.min_rank, exponent=settings.exponent,
-                         variant=settings.variant, init=settings.init, base_model=base_model,
+                         variant=settings.variant, init=settings.init,
+                         base_model=type(model.model.model_config).__name__, family=family.name,
                          trigger=settings.trigger, class_word=settings.class_word, source="comfyui-tlora trainer",
-                         training=settings.record())
+                         training=settings.record(),
+                         fused=fused_record(model.model, sites) if sites is not None else resume.config.fused)
     start = check_resume(resume, config, settings) if resume is not None else 0
     next_free_path(output_folder, prefix)  # refuse a bad file name before training, not after
     saved: list[Path] = []
     losses: list[float] = []
     device = mm.get_torch_device()
     with torch.inference_mode(False), torch.enable_grad():
-        latents, pixel_weights, positive = encode(vae, clip, pixels, weights, settings.prompt)
+        latents, pixel_weights, positive = encode(
+            vae, training_conditioning(clip, conditioning, settings.prompt, family.recipe.guidance), pixels, weights)
         if resume is None:
-            layers = find_target_layers(model.model.diffusion_model, settings.targets)
-            tlora = TLora(config, new_factors(layers, settings, config.ortho, device))
+            tlora = TLora(config, new_factors(sites, settings, config.ortho, device))
         else:
             tlora = TLora(config, dict(resume.layers))
         params = make_trainable(tlora, device)
@@ -220,7 +257,8 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
                           should_save=lambda step: step < settings.steps and settings.save_every > 0
                           and step % settings.save_every == 0)
         sampler = TrainSampler(pixel_weights, settings.batch_size, optimizer, settings.steps, settings.seed,
-                               resolve_dtype(settings.training_dtype, device), hooks, runtime)
+                               resolve_dtype(settings.training_dtype, device), hooks, runtime,
+                               copy_saved=family.inplace_residuals)
         guider = PositiveOnlyGuider(patched)
         guider.set_conds(positive)
         try:

@@ -1,0 +1,130 @@
+"""Tiny random-weight models of the DiT families, built by ComfyUI itself (both hosts).
+
+The host's own detector reads a few shaped (meta) tensors named as in a real checkpoint, so it picks
+the family's config class (Flux or FluxSchnell, SD3, Lumina2, QwenImage) and fills every setting the
+host needs; only the sizes are then shrunk (`overrides`: width, heads, depth). The host's config class
+builds the BaseModel with its own operations, so weights can be stored as fp8 exactly as a user's fp8
+checkpoint loads. Each entry also makes the CONDITIONING its text encoder would give (random
+tensors of the right widths), so no text encoder is needed.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from support.tiny_model import _random_state_dict
+
+
+@dataclass
+class TinyFamily:
+    name: str
+    keys: dict        # checkpoint key -> shape, what the host's detector reads
+    overrides: dict   # smaller sizes than the detector assumes
+    context: int      # text-encoder width
+    pooled: int = 0   # pooled text width (0: none)
+    extra_cond: dict = field(default_factory=dict)
+    config_class: str = ""  # force this supported_models class (Z-Image's is chosen by width alone)
+    frames: bool = False    # latents carry a time axis, [batch, channels, 1, height, width] (Wan's format)
+
+
+H = 256  # Flux / Qwen head dim is fixed at 128 by their rope axes: 2 heads
+
+TINY = {
+    "flux_dev": TinyFamily(
+        "flux_dev",
+        {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (H, 64),
+         "txt_in.weight": (H, 64), "vector_in.in_layer.weight": (H, 32), "guidance_in.in_layer.weight": (H, 256),
+         "single_blocks.0.linear1.weight": (1, 1)},
+        {"num_heads": 2, "depth": 1, "depth_single_blocks": 2}, context=64, pooled=32,
+        extra_cond={"guidance": 3.5}),
+    "flux_schnell": TinyFamily(
+        "flux_schnell",
+        {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (H, 64),
+         "txt_in.weight": (H, 64), "vector_in.in_layer.weight": (H, 32), "single_blocks.0.linear1.weight": (1, 1)},
+        {"num_heads": 2, "depth": 1, "depth_single_blocks": 1}, context=64, pooled=32),
+    "sd35": TinyFamily(  # MMDiT-X: joint block 0 has the second attention of SD3.5 Medium
+        "sd35",
+        {"joint_blocks.0.context_block.attn.qkv.weight": (384, 128), "joint_blocks.1.context_block.attn.qkv.weight":
+         (384, 128), "x_embedder.proj.weight": (128, 16, 2, 2), "final_layer.linear.weight": (64, 128),
+         "y_embedder.mlp.0.weight": (128, 32), "context_embedder.weight": (128, 64), "pos_embed": (1, 256, 128),
+         "joint_blocks.0.context_block.attn.ln_q.weight": (64,), "joint_blocks.0.x_block.attn2.qkv.weight": (384, 128)},
+        {}, context=64, pooled=32),
+    "lumina2": TinyFamily(
+        "lumina2",
+        {"cap_embedder.1.weight": (96, 64), "layers.0.attention.qkv.weight": (1, 1),
+         "noise_refiner.0.attention.k_norm.weight": (1,)},
+        {"n_heads": 4, "n_kv_heads": 2, "axes_dims": [8, 8, 8], "axes_lens": [300, 64, 64], "rope_theta": 10000.0,
+         "ffn_dim_multiplier": 1.0, "multiple_of": 32, "n_refiner_layers": 1}, context=64),
+    "zimage": TinyFamily(
+        "zimage",
+        {"cap_embedder.1.weight": (256, 64), "layers.0.attention.qkv.weight": (1, 1),
+         "noise_refiner.0.attention.k_norm.weight": (1,)},
+        {"n_heads": 4, "n_kv_heads": 4, "axes_dims": [16, 24, 24], "axes_lens": [300, 64, 64], "rope_theta": 256.0,
+         "ffn_dim_multiplier": 1.0, "multiple_of": 32, "n_refiner_layers": 1, "z_image_modulation": True,
+         "time_scale": 1000.0}, context=64, config_class="ZImage"),
+    "qwen_image": TinyFamily(
+        "qwen_image",
+        {"txt_norm.weight": (64,), "img_in.weight": (H, 64), "transformer_blocks.0.attn.to_q.weight": (1, 1)},
+        {"attention_head_dim": 128, "num_attention_heads": 2, "joint_attention_dim": 64}, context=64, frames=True),
+}
+
+
+def _meta_state_dict(keys: dict) -> dict:
+    return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+
+
+def build(name: str, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):
+    """(ModelPatcher, TinyFamily) of a tiny random model of family `name` (a key of TINY)."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    spec = TINY[name]
+    sd = _meta_state_dict(spec.keys)
+    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    unet_config.update(spec.overrides)
+    if spec.config_class:
+        model_config = getattr(comfy.supported_models, spec.config_class)(unet_config)
+    else:
+        model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    if model_config is None:
+        raise RuntimeError(f"ComfyUI found no model config for tiny {name}: {unet_config}")
+    model_config.set_inference_dtype(weight_dtype, compute_dtype)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    values = _random_state_dict(model.diffusion_model, gen)
+    with torch.no_grad():
+        for key, param in model.diffusion_model.state_dict().items():
+            if key in values:
+                param.copy_(values[key].to(param.dtype))
+            elif param.is_floating_point():  # buffers (SD3's pos_embed) start as uninitialised memory
+                param.copy_((torch.randn(param.shape, generator=gen) * 0.02).to(param.dtype))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return patcher, spec
+
+
+def conditioning(spec: TinyFamily, seed: int = 0, tokens: int = 8):
+    """The CONDITIONING the family's text encoder would hand on: [[context, {pooled, ...}]]."""
+    gen = torch.Generator().manual_seed(seed)
+    extra = dict(spec.extra_cond)
+    if spec.pooled:
+        extra["pooled_output"] = torch.randn(1, spec.pooled, generator=gen)
+    return [[torch.randn(1, tokens, spec.context, generator=gen), extra]]
+
+
+def latent_shape(patcher, spec: TinyFamily, n: int, size: int) -> tuple:
+    """The shape of n latents of a size x size px image for this model."""
+    channels = patcher.model.latent_format.latent_channels
+    return (n, channels, 1, size // 8, size // 8) if spec.frames else (n, channels, size // 8, size // 8)
+
+
+def stub_vae(patcher, spec: TinyFamily, seed: int = 0):
+    """A VAE stand-in: encode() gives fixed random latents of the model's channels at 1/8 size."""
+    def encode(pixels):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(latent_shape(patcher, spec, pixels.shape[0], pixels.shape[1]), generator=gen)
+    return types.SimpleNamespace(encode=encode)

@@ -1,0 +1,246 @@
+"""Every DiT family: train through the node, Apply = a hand-built dense W + dW(t) per slice, r(t) from
+t = 1000·sigma, save -> load -> export -> ComfyUI's stock LoRA loader, fp8 bases.
+
+The tiny models are built by ComfyUI itself (support.tiny_families); the reference model is a second
+copy with the same seed whose weights get dW added by hand, row by row for fused projections.
+"""
+import logging
+
+import pytest
+import torch
+
+from support import tiny_families as tf
+from support.predict import predict_x0
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+RANK, MIN_RANK = 4, 1
+# adapters per tiny model, counted by hand from the blocks each builds:
+# Flux double block: img q, k, v, proj + txt q, k, v = 7; single block: q, k, v of linear1 = 3.
+# SD3.5 joint block: x q, k, v, proj + context q, k, v = 7, block 0 adds attn2 q, k, v, proj = 4.
+# Lumina 2 / Z-Image: q, k, v, out in each of layers.0, noise_refiner.0, context_refiner.0.
+# Qwen-Image block: to_q, to_k, to_v, to_out.0, add_q/k/v_proj = 7.
+EXPECTED = {"flux_dev": ("Flux", 7 + 2 * 3), "flux_schnell": ("Flux", 7 + 3), "sd35": ("SD3", 2 * 7 + 4),
+            "lumina2": ("Lumina2", 3 * 4), "zimage": ("Lumina2", 3 * 4), "qwen_image": ("QwenImage", 7)}
+
+
+def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
+    """r(t) = floor((r - r_min)(T - t)/T) + r_min, T = 1000 (paper Sec. 3.2)."""
+    return int((rank - min_rank) * (1000 - t) // 1000) + min_rank
+
+
+@pytest.fixture(scope="module", params=list(tf.TINY))
+def trained(request, tmp_path_factory):
+    """(name, patcher, spec, TrainResult) after 2 steps through train_tlora with the family's recipe."""
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import model_family, train_tlora
+
+    name = request.param
+    patcher, spec = tf.build(name)
+    recipe = model_family(patcher.model).recipe.resolve("auto", RANK, MIN_RANK, 2)
+    settings = TrainSettings(**recipe, learning_rate=1e-3, resolution=64)
+    result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 80, 64, 3), None, settings,
+                         str(tmp_path_factory.mktemp(name)), f"fam/{name}", conditioning=tf.conditioning(spec))
+    return name, patcher, spec, result
+
+
+def _moved(tlora, seed=1):
+    """The same T-LoRA with every factor moved, so each slice's dW is clearly non-zero."""
+    from tlora_pack.tlora_core.adapter import LayerFactors
+    from tlora_pack.tlora_core.format import TLora
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = {k: LayerFactors(**{n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in f.tensors().items()})
+              for k, f in tlora.layers.items()}
+    return TLora(tlora.config, layers)
+
+
+def _dense_delta(f, keep):
+    """Eq. 6 by hand for a prefix mask keeping `keep` components (no frozen factors: vanilla)."""
+    g = torch.ones(f.rank) if f.scale is None else f.scale.clone()
+    g[keep:] = 0
+    dw = (f.up * g) @ f.down
+    if f.base_down is not None:
+        g0 = torch.ones(f.rank) if f.base_scale is None else f.base_scale.clone()
+        g0[keep:] = 0
+        dw = dw - (f.base_up * g0) @ f.base_down
+    return dw
+
+
+def _reference(name, tlora, keep, source=None):
+    """A second copy of the tiny model in fp32 whose weights are W + dW, set by hand: fused projections
+    get their dW in their own rows, found by the model's shapes, not by the pack. W is the same seed's
+    model, or the values `source` (an fp8 model) really multiplies by: its fp8 weights times their
+    scale_weight where a layer has one."""
+    patcher, _ = tf.build(name)
+    if source is not None:
+        held = source.model.state_dict()
+        with torch.no_grad():
+            for k, p in patcher.model.state_dict().items():
+                scale = held.get(k[:-len("weight")] + "scale_weight") if k.endswith(".weight") else None
+                p.copy_(held[k].float() * (1 if scale is None else scale.float()))
+    fused = tlora.config.fused
+    with torch.no_grad():
+        for key, f in tlora.layers.items():
+            dw = _dense_delta(f, keep)
+            if key in fused:
+                module, offset, size, _ = fused[key]
+                patcher.model.get_submodule(module).weight[offset:offset + size] += dw
+            else:
+                patcher.model.get_submodule(key).weight += dw
+    return patcher
+
+
+def test_training_adapts_each_projection_with_its_own_adapter(trained):
+    from tlora_pack.trainer.train import find_target_layers
+
+    name, patcher, _, result = trained
+    family, count = EXPECTED[name]
+    cfg = result.tlora.config
+    assert cfg.family == family and len(result.tlora.layers) == count == len(find_target_layers(patcher.model,
+                                                                                                "attention"))
+    assert cfg.variant == "vanilla_tlora" and (cfg.rank, cfg.min_rank) == (RANK, MIN_RANK)
+    assert result.saved[-1].is_file() and len(result.losses) == 2
+    for key, (module, offset, size, rows) in cfg.fused.items():
+        weight = patcher.model.get_submodule(module).weight
+        assert weight.shape[0] == rows and result.tlora.layers[key].up.shape[0] == size
+        assert key.rsplit(".", 1)[1] in ("q", "k", "v") and offset + size <= rows
+    # The text-stream queries of the final joint block only shape text outputs the model then drops
+    # (SD3's pre-only last context block, Qwen-Image's last block): no gradient reaches them.
+    dead = {"sd35": ["diffusion_model.joint_blocks.1.context_block.attn.qkv.q"],
+            "qwen_image": ["diffusion_model.transformer_blocks.0.attn.add_q_proj"]}.get(name, [])
+    still = [k for k, f in result.tlora.layers.items() if torch.count_nonzero(f.up) == 0]
+    assert still == dead, f"adapters that received no gradient: {still}"
+
+
+def test_grouped_query_qkv_splits_q_k_v_by_heads(trained):
+    """Lumina 2's qkv holds 4 query heads and 2 key/value heads of width 24: q 96 rows, k and v 48."""
+    name, _, _, result = trained
+    if name != "lumina2":
+        pytest.skip("grouped-query attention: the tiny Lumina 2 only")
+    fused = result.tlora.config.fused
+    assert fused["diffusion_model.layers.0.attention.qkv.q"][1:] == [0, 96, 192]
+    assert fused["diffusion_model.layers.0.attention.qkv.k"][1:] == [96, 48, 192]
+    assert fused["diffusion_model.layers.0.attention.qkv.v"][1:] == [144, 48, 192]
+
+
+@pytest.fixture(params=["weight", "activations"])
+def path(request, monkeypatch):
+    """Force where sampling adds dW (tiny models have so few tokens that the FLOP rule would always
+    pick the activations): on the weight through ComfyUI's weight functions, or on the output."""
+    from tlora_pack.trainer import runtime
+    monkeypatch.setattr(runtime, "activations_cheaper", lambda *a: request.param == "activations")
+    return request.param
+
+
+@pytest.mark.parametrize("sigma", [0.97, 0.5, 0.1])
+def test_apply_equals_dense_weights_with_r_of_1000_sigma(trained, sigma, path):
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    name, patcher, spec, result = trained
+    tlora = _moved(result.tlora)
+    applied, runtime = apply_tlora(patcher, tlora, 1.0)
+    cond = tf.conditioning(spec)
+    x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(3))
+    got = predict_x0(applied, cond, x, [sigma])
+    keep = _paper_rank(1000 * sigma)
+    assert runtime.last.ranks == [keep], (runtime.last.ranks, keep)
+    want = predict_x0(_reference(name, tlora, keep), cond, x, [sigma])
+    effect = (want - predict_x0(patcher, cond, x, [sigma])).norm()
+    assert effect > 1e-5 * want.norm(), "the T-LoRA changes the output"
+    assert (got - want).norm() < 1e-3 * effect
+
+
+def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
+    """The exact export at t = 1000·sigma equals the T-LoRA at that sigma, read by comfy.sd's loader;
+    fused projections are written as one LoRA on the whole fused weight."""
+    import comfy.sd
+
+    from tlora_pack.tlora_core.export import export_standard_lora
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    name, patcher, spec, result = trained
+    tlora, sigma = _moved(result.tlora), 0.3
+    lora, report = export_standard_lora(tlora, timestep=1000 * sigma, storage="fp32")
+    assert report.kept == _paper_rank(300)
+    with caplog.at_level(logging.WARNING):
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert "not loaded" not in caplog.text
+    cond = tf.conditioning(spec)
+    x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(4))
+    want = predict_x0(apply_tlora(patcher, tlora, 1.0)[0], cond, x, [sigma])
+    got = predict_x0(loaded, cond, x, [sigma])
+    assert (got - want).norm() / want.norm() < 1e-5
+
+
+def test_a_flux_tlora_is_refused_on_another_family(trained):
+    from tlora_pack.tlora_core.errors import TLoraError
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    name, _, _, result = trained
+    if name != "flux_dev":
+        pytest.skip("one pair is enough: Flux on SD3")
+    other, _ = tf.build("sd35")
+    with pytest.raises(TLoraError, match="made for Flux.*SD3"):
+        apply_tlora(other, result.tlora)
+
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@pytest.mark.skipif(FP8 is None, reason="this torch has no float8_e4m3fn")
+def test_fp8_base_applies_exactly_and_stays_fp8(tmp_path, path):
+    """A Flux stored in fp8 (computed in fp32 on the CPU): Apply equals the dense reference built from
+    the fp8 values, and the base weights are still fp8 afterwards; training runs on it."""
+    from tlora_pack.trainer.runtime import apply_tlora
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import train_tlora
+
+    patcher, spec = tf.build("flux_dev", weight_dtype=FP8, compute_dtype=torch.float32)
+    settings = TrainSettings(variant="vanilla_tlora", rank=RANK, min_rank=MIN_RANK, steps=2, learning_rate=1e-3,
+                             resolution=64)
+    result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 64, 64, 3), None, settings,
+                         str(tmp_path), "fp8/flux", conditioning=tf.conditioning(spec))
+    tlora = _moved(result.tlora)
+    cond = tf.conditioning(spec)
+    x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(5))
+    got = predict_x0(apply_tlora(patcher, tlora, 1.0)[0], cond, x, [0.6])
+    want = predict_x0(_reference("flux_dev", tlora, _paper_rank(600), source=patcher), cond, x, [0.6])
+    assert (got - want).norm() / want.norm() < 1e-5
+    assert patcher.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == FP8
+
+
+def test_legacy_scaled_fp8_layers_add_the_update_once(tmp_path, path):
+    """ComfyUI 0.3.75's scaled-fp8 layers multiply the weight by scale_weight after the weight
+    functions ran: the update must not be scaled with it."""
+    import comfy.supported_models_base
+
+    from tlora_pack.trainer.runtime import apply_tlora
+    from tlora_pack.trainer.train import find_target_layers, new_factors
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.tlora_core.config import TLoraConfig
+    from tlora_pack.tlora_core.format import TLora
+    from tlora_pack.trainer.train import fused_record
+
+    if FP8 is None or not hasattr(comfy.supported_models_base.BASE, "scaled_fp8"):
+        pytest.skip("this ComfyUI loads scaled fp8 as quantized tensors, dequantized before weight functions")
+    original = comfy.supported_models_base.BASE.scaled_fp8
+    comfy.supported_models_base.BASE.scaled_fp8 = FP8
+    try:
+        patcher, spec = tf.build("flux_dev", weight_dtype=FP8, compute_dtype=torch.float32)
+    finally:
+        comfy.supported_models_base.BASE.scaled_fp8 = original
+    with torch.no_grad():
+        for m in patcher.model.modules():
+            if torch.is_tensor(getattr(m, "scale_weight", None)):
+                m.scale_weight.fill_(2.0)
+    sites = find_target_layers(patcher.model, "attention")
+    config = TLoraConfig(rank=RANK, min_rank=MIN_RANK, variant="vanilla_tlora", base_model="Flux", family="Flux",
+                         fused=fused_record(patcher.model, sites))
+    tlora = _moved(TLora(config, new_factors(sites, TrainSettings(rank=RANK, min_rank=MIN_RANK), False,
+                                             torch.device("cpu"))))
+    cond = tf.conditioning(spec)
+    x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(6))
+    got = predict_x0(apply_tlora(patcher, tlora, 1.0)[0], cond, x, [0.4])
+    want = predict_x0(_reference("flux_dev", tlora, _paper_rank(400), source=patcher), cond, x, [0.4])
+    assert (got - want).norm() / want.norm() < 1e-5

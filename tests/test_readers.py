@@ -98,10 +98,11 @@ def test_hparams_beside_the_weights_or_given_explicitly_are_used(tmp_path):
     assert readers.read_reference_sdxl(path, hparams=other.parent).config.min_rank == 5
 
 
-def test_without_hparams_r_min_is_half_the_rank_and_arguments_override_the_file(tmp_path):
+def test_without_hparams_r_min_is_half_the_rank_and_arguments_override_the_file(tmp_path, caplog):
     path = ref.write_sdxl_checkpoint(tmp_path / "a", ref.sdxl_state(PROCS, RANK, True))
     c = readers.read_reference_sdxl(path).config
-    assert (c.min_rank, c.exponent, c.training["schedule_from"]) == (RANK // 2, 1.0, "default r_min = rank // 2")
+    assert (c.min_rank, c.exponent) == (RANK // 2, 1.0) and f"r_min = {RANK // 2}" in c.training["schedule_from"]
+    assert f"guessed r_min = {RANK // 2}" in caplog.text and "exponent 1" in caplog.text and "SD-XL" in caplog.text
     path = ref.write_sdxl_checkpoint(tmp_path / "b", ref.sdxl_state(PROCS, RANK, True), SDXL_HPARAMS)
     c = readers.read_reference_sdxl(path, min_rank=6, exponent=2.0).config
     assert (c.min_rank, c.exponent, c.training["schedule_from"]) == (6, 2.0, "argument")
@@ -182,6 +183,25 @@ def test_flux_dw_matches_their_forward_with_t_equal_1000_sigma(tmp_path, sigma):
     got = x @ delta_weight(tlora.layers["transformer.transformer_blocks.0.attn.add_q_proj"],
                            pack_mask(tlora, t), dtype=torch.float64).T
     assert relative(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("rank, guessed", [(32, 1), (64, 2), (8, 1)])
+def test_flux_file_without_hparams_gets_the_reference_flux_recipe_with_a_warning(tmp_path, caplog, rank, guessed):
+    """The reference FLUX recipe trains rank 32 with r_min 1: without hparams.yml that proportion is used."""
+    state = ref.flux_state(double_blocks=1, single_blocks=0, hidden=64, rank=rank)
+    c = readers.read_reference_flux(ref.write_flux_checkpoint(tmp_path, state)).config
+    assert (c.rank, c.min_rank, c.variant, c.family) == (rank, guessed, "vanilla_tlora", "Flux")
+    assert f"guessed r_min = {guessed}" in caplog.text and "Flux" in caplog.text
+
+
+@pytest.mark.parametrize("context, base, family", [(768, "SD15", "SD1.x"), (1024, "SD20", "SD2.x"),
+                                                   (2048, "SDXL", "SD-XL")])
+def test_reference_layout_unet_files_name_their_model_by_the_text_width(tmp_path, context, base, family):
+    procs = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor",
+             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"]
+    path = ref.write_sdxl_checkpoint(tmp_path, ref.sdxl_state(procs, RANK, True, context=context), SDXL_HPARAMS)
+    c = readers.read_any(path).config
+    assert (c.base_model, c.family) == (base, family)
 
 
 def test_flux_run_without_tlora_flag_reads_as_plain_lora(tmp_path):
@@ -377,3 +397,14 @@ def test_read_any_reads_a_reference_file_once(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "load_state_dict", lambda p: reads.append(p) or real(p))
     tlora = readers.read_any(path)
     assert reads == [path] and tlora.config.variant == "tlora"
+
+
+def test_reference_layout_sd15_file_loads_on_an_sd15_model(tiny_sd15, tmp_path):
+    """Such files used to be taken for SD-XL and refused on SD 1.5."""
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    procs = [f"down_blocks.0.attentions.0.transformer_blocks.0.attn{i}.processor" for i in (1, 2)]
+    path = ref.write_sdxl_checkpoint(tmp_path, ref.sdxl_state(procs, RANK, True, hidden=320, context=768),
+                                     SDXL_HPARAMS)
+    patched, runtime = apply_tlora(tiny_sd15[0], readers.read_any(path))
+    assert len(runtime.layers) == 8 and runtime.tlora.config.base_model == "SD15"

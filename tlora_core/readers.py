@@ -43,6 +43,7 @@ import torch
 from .adapter import LayerFactors
 from .config import ORTHO_INITS, TLoraConfig
 from .errors import TLoraConfigError, TLoraFormatError
+from .families import family_for
 from .format import (FORMAT_NAME, KEY_MARK, TLora, as_float32, checked_factors, is_tlora_metadata, parse_tlora,
                      read_safetensors)
 
@@ -212,22 +213,31 @@ def _reference_settings(path: Path, hparams, flux: bool) -> _Settings:
 
 def _make_config(rank: int, settings: _Settings, *, variant: str, base_model: str, source: str, origin: str,
                  min_rank: Optional[int], exponent: Optional[float]) -> TLoraConfig:
-    """Explicit arguments first, then the file's settings, then r_min = rank // 2."""
+    """Explicit arguments first, then the file's settings, then the family's recipe (SD: r_min = rank // 2,
+    the paper; FLUX: the reference FLUX code's proportion, 1 of 32). Every value guessed is logged."""
     if settings.hparams_rank is not None and settings.hparams_rank != rank:
         raise TLoraFormatError(
             f"{settings.path} says rank {settings.hparams_rank} but the tensors in {origin} have rank {rank}: "
             f"that {HPARAMS_NAME} belongs to another run. Pass hparams=<the right file> or min_rank yourself.")
     chosen_min = min_rank if min_rank is not None else settings.min_rank
     min_from = "argument" if min_rank is not None else settings.origin
+    family = family_for(base_model)
     if chosen_min is None:
-        chosen_min, min_from = max(1, rank // 2), "default r_min = rank // 2"
+        chosen_min = family.recipe.resolve(rank=rank)["min_rank"] if family else max(1, rank // 2)
+        min_from = f"default r_min = {chosen_min} ({family.name if family else 'the paper'}'s recipe for rank {rank})"
+        logger.warning("%s: no %s and no r_min given: guessed r_min = %d (%s recipe). Set r_min on the node if the "
+                       "run used another.", origin, HPARAMS_NAME, chosen_min, family.name if family else "paper")
+    if exponent is None and settings.origin == "default":
+        logger.warning("%s: no %s and no exponent given: guessed the paper's straight schedule (exponent 1).",
+                       origin, HPARAMS_NAME)
     exp_from = "argument" if exponent is not None else settings.origin
     schedule_from = min_from if exp_from in (min_from, "default") else f"r_min: {min_from}; exponent: {exp_from}"
     training = {"imported_from": source, "schedule_from": schedule_from, **settings.record}
     try:
         return TLoraConfig(rank=rank, min_rank=chosen_min,
                            exponent=float(exponent if exponent is not None else settings.exponent),
-                           variant=variant, init=settings.init, base_model=base_model, trigger=settings.trigger,
+                           variant=variant, init=settings.init, base_model=base_model,
+                           family=family.name if family else "", trigger=settings.trigger,
                            class_word=settings.class_word, source=source, training=training)
     except TLoraConfigError as exc:
         raise TLoraFormatError(f"{origin} (schedule from {schedule_from}): {exc}") from exc
@@ -295,14 +305,33 @@ def parse_reference(tensors: dict[str, torch.Tensor], origin: str, flux: bool) -
     return layers, ortho
 
 
+# width of the text-encoder states that cross-attention keys read -> the UNet family (config class)
+UNET_CONTEXT_WIDTH = {768: "SD15", 1024: "SD20", 2048: "SDXL"}
+
+
+def unet_base_model(layers: dict[str, LayerFactors], origin: str) -> str:
+    """SD 1.x, 2.x or SD-XL, from the width of a cross-attention key projection (the text encoder's
+    width: 768, 1024, 2048), since reference-layout files for every UNet share their key names."""
+    for key, f in layers.items():
+        if ".attn2." in key and key.endswith("to_k"):
+            base = UNET_CONTEXT_WIDTH.get(f.in_features)
+            if base is not None:
+                return base
+    logger.warning("%s: no cross-attention key projection of a known width (768, 1024, 2048): assumed SD-XL, the "
+                   "reference code's model.", origin)
+    return "SDXL"
+
+
 def read_reference_sdxl(path: str | os.PathLike, *, min_rank: Optional[int] = None,
                         exponent: Optional[float] = None, hparams: Optional[str | os.PathLike] = None,
-                        base_model: str = "SDXL", tensors: Optional[dict] = None) -> TLora:
-    """Reference SD-XL `pytorch_lora_weights.safetensors` (ortho -> variant tlora, vanilla -> vanilla_tlora;
-    a run of their plain `sdxl_lora` trainer class -> ortho_lora / lora, full rank at every t)."""
+                        base_model: Optional[str] = None, tensors: Optional[dict] = None) -> TLora:
+    """Reference-layout UNet `pytorch_lora_weights.safetensors` (SD-XL, or SD 1.x / 2.x by the width of the
+    cross-attention keys unless base_model is given; ortho -> variant tlora, vanilla -> vanilla_tlora; a
+    run of their plain `sdxl_lora` trainer class -> ortho_lora / lora, full rank at every t)."""
     path = Path(path)
     tensors = load_state_dict(path)[0] if tensors is None else tensors
     layers, ortho = parse_reference(tensors, str(path), flux=False)
+    base_model = base_model or unet_base_model(layers, str(path))
     settings = _reference_settings(path, hparams, flux=False)
     variant = ("tlora" if ortho else "vanilla_tlora") if settings.masked else ("ortho_lora" if ortho else "lora")
     config = _make_config(_common_rank(layers, str(path)), settings, variant=variant, base_model=base_model,
@@ -496,7 +525,7 @@ def read_any(path: str | os.PathLike, *, min_rank: Optional[int] = None, exponen
         return tlora
     if kind == FORMAT_REFERENCE_SDXL:
         return read_reference_sdxl(path, min_rank=min_rank, exponent=exponent, hparams=hparams,
-                                   base_model=base_model or "SDXL", tensors=tensors)
+                                   base_model=base_model, tensors=tensors)
     if kind == FORMAT_REFERENCE_FLUX:
         return read_reference_flux(path, min_rank=min_rank, exponent=exponent, hparams=hparams, tensors=tensors)
     if kind == FORMAT_LYCORIS:

@@ -244,3 +244,21 @@ def test_legacy_scaled_fp8_layers_add_the_update_once(tmp_path, path):
     got = predict_x0(apply_tlora(patcher, tlora, 1.0)[0], cond, x, [0.4])
     want = predict_x0(_reference("flux_dev", tlora, _paper_rank(400), source=patcher), cond, x, [0.4])
     assert (got - want).norm() / want.norm() < 1e-5
+
+
+def test_gradient_checkpointing_of_flux_blocks_gives_the_same_gradients(tmp_path, monkeypatch):
+    """Checkpointed double and single blocks (recomputed in backward with the step's masks, from their
+    inputs as they were before Flux's in-place residual adds) give the gradients of plain backprop."""
+    from support.grads import AdamWGradients, assert_same_gradients
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import train_tlora
+
+    log, grads = AdamWGradients(monkeypatch), {}
+    for checkpointing in (False, True):
+        grads[checkpointing] = log.run()
+        patcher, spec = tf.build("flux_dev")
+        settings = TrainSettings(variant="vanilla_tlora", rank=RANK, min_rank=MIN_RANK, steps=3, learning_rate=1e-3,
+                                 resolution=64, gradient_checkpointing=checkpointing, storage="fp32")
+        train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 64, 64, 3), None, settings,
+                    str(tmp_path / str(checkpointing)), "gc/flux", conditioning=tf.conditioning(spec))
+    assert_same_gradients(grads[False], grads[True])

@@ -9,7 +9,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 import comfy.model_management as mm
 import comfy.patcher_extension as pe
@@ -22,7 +21,7 @@ from ..tlora_core.format import TLora, load_tlora, save_tlora
 from ..tlora_core.init import init_factors
 from .data import prepare_images
 from .files import next_free_path
-from .loop import LoopHooks, PositiveOnlyGuider, TrainSampler
+from .loop import LoopHooks, PositiveOnlyGuider, TrainSampler, saved_copies
 from .runtime import apply_tlora
 from .settings import TrainSettings
 
@@ -102,16 +101,66 @@ def checkpoint_units(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [unit for b in blocks for unit in (list(b.children()) if isinstance(b, torch.nn.Sequential) else [b])]
 
 
+class _Recompute(torch.autograd.Function):
+    """Activation checkpointing of one block: forward without keeping activations, the block run again
+    inside backward. Written out rather than torch.utils.checkpoint because blocks may add to tensors in
+    place after saving them (Flux's `x += ...`): torch's recomputation keeps saved tensors by reference
+    with no version check, so the gradients would come out wrong without an error. Here the block runs
+    on copies of its inputs, and its recomputation keeps copies of what it saves (`copy_saved`).
+    `anchor` requires grad so that backward runs even when no input does (the first block's)."""
+
+    @staticmethod
+    def forward(ctx, call, copy_saved, anchor, *tensors):
+        ctx.call, ctx.copy_saved = call, copy_saved
+        ctx.autocast = [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                        for device in {t.device.type for t in tensors}]
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return call([t.clone() for t in tensors])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            for device, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            stack.enter_context(saved_copies(ctx.copy_saved))
+            outputs = ctx.call([t.clone() for t in inputs])
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, *[t.grad if needs else None for t, needs in zip(inputs, ctx.needs_input_grad[3:])])
+
+
+def _checkpointed(inner, copy_saved: bool, anchor: torch.Tensor):
+    """`inner` (a block's forward) under _Recompute; its floating-point tensor arguments go through
+    autograd, everything else (options, masks of ints, None) is passed as it is."""
+    def forward(*args, **kwargs):
+        names = list(kwargs)
+        values = list(args) + [kwargs[n] for n in names]
+        slots = [i for i, v in enumerate(values) if torch.is_tensor(v) and v.is_floating_point()]
+
+        def call(tensors):
+            filled = list(values)
+            for i, t in zip(slots, tensors):
+                filled[i] = t
+            return inner(*filled[:len(args)], **dict(zip(names, filled[len(args):])))
+        return _Recompute.apply(call, copy_saved, anchor, *[values[i] for i in slots])
+    return forward
+
+
 @contextlib.contextmanager
-def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool):
+def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, copy_saved: bool = False):
     """Gradient checkpointing: activations inside each unit are recomputed in backward, not kept.
 
-    Sets an instance `forward` on each unit and removes it on exit.
+    Sets an instance `forward` on each unit and removes it on exit. copy_saved: the model changes saved
+    tensors in place (Family.inplace_residuals).
     """
     units = checkpoint_units(diffusion_model) if enabled else []
+    anchor = torch.zeros((), requires_grad=True)
     for unit in units:
-        unit.forward = (lambda inner: lambda *a, **k: torch.utils.checkpoint.checkpoint(
-            inner, *a, use_reentrant=False, **k))(unit.forward)
+        unit.forward = _checkpointed(unit.forward, copy_saved, anchor)
     try:
         yield
     finally:
@@ -263,7 +312,8 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
         guider.set_conds(positive)
         try:
             with frozen_base(model.model), checkpointed_blocks(model.model.diffusion_model,
-                                                                settings.gradient_checkpointing):
+                                                                settings.gradient_checkpointing,
+                                                                family.inplace_residuals):
                 guider.sample(torch.zeros_like(latents), latents, sampler, torch.tensor([1.0, 0.0]),
                               seed=settings.seed, disable_pbar=True)
             save(settings.steps)

@@ -404,6 +404,37 @@ def test_gen_img_sequence_on_a_wrapped_unet(tmp_path):
     assert torch.equal(wrapped(x, t, ctx).sample, expected)
 
 
+@pytest.mark.parametrize("variant, svd_on", [("tlora", torch.device("cuda", 1)), ("vanilla_tlora", None)])
+def test_ortho_svds_run_on_the_current_gpu_and_factors_stay_beside_the_model(monkeypatch, variant, svd_on):
+    """sd-scripts creates the network while the model is still on the CPU; accelerate has made each process's
+    GPU the current one, so the SVDs go there (only the ortho variants have any) and the factors come back."""
+    asked = []
+    real = kohya.init_factors
+
+    def recording(*args, device=None):
+        asked.append(device)
+        return real(*args)  # on the CPU: this machine has no GPU
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(kohya, "init_factors", recording)
+    network = build(make_unet(), variant)
+    assert asked == [svd_on] * len(network.layers)
+    assert {p.device.type for p in network.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_ortho_init_on_a_gpu_gives_orthonormal_factors_on_the_models_device():
+    unet = make_unet()
+    network = build(unet)
+    assert {p.device.type for p in network.parameters()} == {"cpu"}
+    a = next(iter(network.layers.values()))
+    torch.testing.assert_close(a.down @ a.down.T, torch.eye(RANK), atol=1e-6, rtol=0)
+    unet.cuda()
+    on_gpu = build(unet)
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+
+
 def test_save_replaces_an_existing_file_atomically(tmp_path):
     network = build(make_unet())
     path = tmp_path / "last.safetensors"

@@ -1,7 +1,8 @@
 """Train a T-LoRA with kohya-ss sd-scripts: `--network_module tlora_core.kohya` (pack root on PYTHONPATH).
 
-sd-scripts (`train_network.py`, `sdxl_train_network.py`) imports this module and drives it like its own
-`networks/lora.py`:
+sd-scripts (`train_network.py`, `sdxl_train_network.py`, `flux_train_network.py`) imports this module and drives
+it like its own `networks/lora.py` / `networks/lora_flux.py` (for Flux, `unet` is the Flux transformer and
+`text_encoder` the list [CLIP-L, T5-XXL]):
     create_network(1.0, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=..., **network_args)
     create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False, **kw)
     network.prepare_network(args) -> apply_to(text_encoder, unet, train_te, train_unet) -> load_weights(file)
@@ -12,15 +13,19 @@ sd-scripts (`train_network.py`, `sdxl_train_network.py`) imports this module and
 factors, and train_network.py turns `--scale_weight_norms` off with a warning when a network lacks the method.
 
 How the timestep reaches the adapters, with sd-scripts left untouched: a forward pre-hook on the UNet reads its
-timestep argument (2nd positional, or `timestep=` for SD1.x/2.x, `timesteps=` for SD-XL), turns it into one
-prefix mask per batch row (Eq. 5) and keeps them for that call; a forward hook on every adapted Linear adds
+timestep argument (2nd positional, or `timestep=` for SD1.x/2.x, `timesteps=` for SD-XL and Flux), scales it to
+the paper's t (Flux gets sigma = timesteps / 1000, so t = 1000 sigma), turns it into one prefix mask per batch
+row (Eq. 5) and keeps them for that call; a forward hook on every adapted Linear adds
 multiplier * dW(t_i) x_i (Eq. 6) row by row. The masks of a grad-enabled call stay in place until the next
 call, so gradient checkpointing recomputes with the same masks; a no-grad call in between (sd-scripts'
 differential output preservation, sample images) puts the previous masks back when it ends.
 
 The file written is this pack's T-LoRA format (tlora_core.format) with kohya layer names
 `lora_unet_<module path, dots as underscores>`: diffusers paths for SD1.x/2.x, ldm paths (`input_blocks_...`)
-for SD-XL, both of which ComfyUI's LoRA key map resolves. Imports: torch and safetensors only.
+for SD-XL, both of which ComfyUI's LoRA key map resolves. Flux's layers come from its entry in
+tlora_core.families and keep ComfyUI's names (`diffusion_model.<path>`, and `diffusion_model.<path>.q|k|v` for
+one projection of a fused qkv / linear1 weight, whose rows the file records in TLoraConfig.fused), which
+sd-scripts' Flux shares with ComfyUI's (both follow BFL's layout). Imports: torch and safetensors only.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -38,6 +43,7 @@ from torch import nn
 from .adapter import LayerFactors, delta_weight, masked_delta
 from .config import TLoraConfig
 from .errors import TLoraConfigError, TLoraError, TLoraFormatError
+from .families import PAPER, Family, family_for, find_sites
 from .format import TLora, load_tlora, parse_tlora, read_safetensors, save_tlora
 from .init import init_factors
 from .schedule import prefix_masks, ranks_for_timesteps
@@ -55,10 +61,33 @@ TARGET_PATTERNS = {
     "ff": (r"\.ff\.net\.(0\.proj|2)$", "FeedForward"),
 }
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out")
+DIT_PREFIX = "diffusion_model."
+
+
+class TimestepArg(NamedTuple):
+    """Where a model's forward takes its timestep, and how it relates to the paper's t."""
+
+    index: int          # position among forward's positional arguments (by keyword: timestep(s)=)
+    scale: float = 1.0  # the argument times this is the paper's t in [0, T]
+
+
+UNET_TIMESTEP = TimestepArg(1)  # sd-scripts' UNets: forward(sample, timestep(s), ...), t in [0, 1000)
+# The DiT families (names of tlora_core.families) this module serves. Flux (and Chroma): forward(img, img_ids,
+# txt, txt_ids, timesteps, ...), called by flux_train_network.py with timesteps / 1000, the flow time sigma in
+# [0, 1]; the paper's t of a flow model is 1000 sigma.
+DIT_TIMESTEPS = {"Flux": TimestepArg(4, 1000.0)}
 NETWORK_ARGS = ("min_rank", "variant", "init", "exponent", "targets", "seed", "trigger", "class_word")
 # sd-scripts metadata too large or too private to copy into the settings record
 DROPPED_METADATA = ("ss_dataset_dirs", "ss_reg_dataset_dirs", "ss_tag_frequency", "ss_bucket_info", "ss_datasets")
 STORAGE_OF_DTYPE = {None: "fp32", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class Target(NamedTuple):
+    """Where one adapter sits: a Linear of sd-scripts' model and, for a fused weight, its output rows."""
+
+    path: str                               # module path inside the model sd-scripts hands over
+    module: nn.Linear
+    rows: Optional[tuple[int, int]] = None  # (offset, size) of one projection of a fused weight
 
 
 def layer_name(module_path: str) -> str:
@@ -67,7 +96,13 @@ def layer_name(module_path: str) -> str:
 
 
 def base_model_of(unet: nn.Module) -> str:
-    """SDXL for sd-scripts' SdxlUNet2DConditionModel (ldm layout), SD2 for 1024-wide cross-attention, else SD15."""
+    """ComfyUI's config class name for sd-scripts' model: Chroma, Flux or FluxSchnell (no guidance input) for
+    BFL's layout (double_blocks, single_blocks), SDXL for SdxlUNet2DConditionModel (ldm layout), SD2 for
+    1024-wide cross-attention, else SD15."""
+    if hasattr(unet, "double_blocks") and hasattr(unet, "single_blocks"):
+        if any(cls.__name__ == "Chroma" for cls in type(unet).__mro__):
+            return "Chroma"
+        return "Flux" if getattr(getattr(unet, "params", None), "guidance_embed", True) else "FluxSchnell"
     if "Sdxl" in type(unet).__name__ or hasattr(unet, "input_blocks"):
         return "SDXL"
     for name, module in unet.named_modules():
@@ -85,8 +120,34 @@ def _parent_class(unet: nn.Module, path: str) -> str:
     return ""
 
 
-def find_targets(unet: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[str, nn.Linear]]:
-    """Adapted Linears by layer key: {layer key: (module path, module)} in module order."""
+def dit_family(base_model: str) -> Optional[Family]:
+    """The families entry of a DiT this module serves, None for the UNets (kohya names, TARGET_PATTERNS)."""
+    family = family_for(base_model)
+    return family if family is not None and family.name in DIT_TIMESTEPS else None
+
+
+def find_dit_targets(model: nn.Module, family: Family, targets: tuple[str, ...]) -> dict[str, Target]:
+    """Adapted Linears of a DiT by ComfyUI layer key, from the family's target rules (tlora_core.families):
+    a fused weight gets one adapter per projection, each on its own output rows."""
+    if len(targets) != 1:
+        raise TLoraConfigError(f"targets={','.join(targets)} for {family.name}: name one target set of "
+                               f"{', '.join(family.targets)} (e.g. targets=attention).")
+    found = {}
+    for key, site in find_sites(model, family.rules(targets[0])).items():
+        path = site.module_path[len(DIT_PREFIX):]
+        module = model.get_submodule(path)
+        if not isinstance(module, nn.Linear):
+            raise TLoraConfigError(f"{path} of {type(model).__name__} is a {type(module).__name__}, not a Linear; "
+                                   f"T-LoRA adapts Linear layers only.")
+        found[key] = Target(path, module, site.rows)
+    if not found:
+        raise TLoraConfigError(f"no Linear layer of {type(model).__name__} matches the {family.name} targets "
+                               f"{targets[0]}; is this sd-scripts' {family.name} model?")
+    return found
+
+
+def find_targets(unet: nn.Module, targets: tuple[str, ...]) -> dict[str, Target]:
+    """Adapted Linears of a UNet by kohya layer key, in module order."""
     unknown = [t for t in targets if t not in TARGET_PATTERNS]
     if unknown or not targets:
         raise TLoraConfigError(f"unknown targets {unknown or targets!r}; choose from {', '.join(TARGET_PATTERNS)} "
@@ -96,31 +157,38 @@ def find_targets(unet: nn.Module, targets: tuple[str, ...]) -> dict[str, tuple[s
     for path, module in unet.named_modules():
         if isinstance(module, nn.Linear) and any(
                 rx.search(path) and parent in _parent_class(unet, path) for rx, parent in patterns):
-            found[layer_name(path)] = (path, module)
+            found[layer_name(path)] = Target(path, module)
     if not found:
         raise TLoraConfigError(f"no Linear layer of {type(unet).__name__} matches targets {','.join(targets)}; "
                                f"is this an sd-scripts UNet (SD1.x/2.x or SD-XL)?")
     return found
 
 
-def parse_network_args(network_dim, kwargs: dict) -> tuple[TLoraConfig, tuple[str, ...], int]:
-    """--network_dim and --network_args (strings) -> (settings, targets, init seed)."""
+def parse_network_args(network_dim, kwargs: dict, base_model: str = "") -> tuple[TLoraConfig, tuple[str, ...], int]:
+    """--network_dim and --network_args (strings) -> (settings, targets, init seed).
+
+    What is left unset comes from the family's recipe (tlora_core.families; the paper's when the family is
+    unknown): SD T-LoRA rank 64, r_min r/2; Flux Vanilla T-LoRA rank 32, r_min 1 (the same share of a set rank).
+    """
     unknown = sorted(set(kwargs) - set(NETWORK_ARGS))
     if unknown:
         raise TLoraConfigError(f"unsupported --network_args {unknown} for tlora_core.kohya; it knows "
-                               f"{', '.join(NETWORK_ARGS)} (LoRA+, block dims/lr, dropouts and conv layers "
-                               f"are not offered).")
+                               f"{', '.join(NETWORK_ARGS)} (LoRA+, block dims/lr, dropouts, conv layers and "
+                               f"text-encoder layers are not offered).")
+    family = family_for(base_model)
+    recipe = PAPER if family is None else family.recipe
     try:
-        rank = 64 if network_dim is None else int(network_dim)
-        min_rank = int(kwargs.get("min_rank", max(rank // 2, 1)))
+        rank = recipe.rank if network_dim is None else int(network_dim)
+        min_rank = int(kwargs["min_rank"]) if "min_rank" in kwargs else recipe.resolve(rank=rank)["min_rank"]
         exponent = float(kwargs.get("exponent", 1.0))
         # sd-scripts seeds torch's generator (--seed) before creating the network, so this is reproducible
         seed = int(kwargs["seed"]) if "seed" in kwargs else int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
     except ValueError as exc:
         raise TLoraConfigError(f"--network_dim / --network_args hold a value that is not a number ({exc}).") from exc
-    targets = tuple(t.strip() for t in str(kwargs.get("targets", ",".join(DEFAULT_TARGETS))).split(",") if t.strip())
+    default_targets = "attention" if dit_family(base_model) else ",".join(DEFAULT_TARGETS)
+    targets = tuple(t.strip() for t in str(kwargs.get("targets", default_targets)).split(",") if t.strip())
     config = TLoraConfig(rank=rank, min_rank=min_rank, exponent=exponent,
-                         variant=str(kwargs.get("variant", "tlora")), init=str(kwargs.get("init", "last")),
+                         variant=str(kwargs.get("variant", recipe.variant)), init=str(kwargs.get("init", "last")),
                          trigger=str(kwargs.get("trigger", "")), class_word=str(kwargs.get("class_word", "")),
                          source=SOURCE)
     return config, targets, seed
@@ -132,22 +200,34 @@ def _check_no_dropout(*values):
             raise TLoraConfigError(f"--network_dropout {value!r} is not supported by T-LoRA; leave it unset.")
 
 
-def timesteps_of_call(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The timesteps of one UNet call, one per batch row (sd-scripts: forward(sample, timestep(s), ...))."""
+def timesteps_of_call(args: tuple, kwargs: dict, where: TimestepArg = UNET_TIMESTEP) -> torch.Tensor:
+    """The paper's t of one model call, one per batch row (float32 for a scaled argument, such as Flux's
+    sigma: that is the t the model's own time embedding computes)."""
     t = next((kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs), None)
     if t is None:
-        if len(args) < 2:
-            raise TLoraError("T-LoRA: the UNet was called without a timestep argument (expected the second "
-                             "positional argument or timestep= / timesteps=); the rank mask needs t.")
-        t = args[1]
-    sample = args[0] if args else next((kwargs[k] for k in ("sample", "x") if k in kwargs), None)
+        if len(args) <= where.index:
+            raise TLoraError(f"T-LoRA: the model was called without a timestep argument (expected positional "
+                             f"argument {where.index + 1} or timestep= / timesteps=); the rank mask needs t.")
+        t = args[where.index]
+    sample = args[0] if args else next((kwargs[k] for k in ("sample", "x", "img") if k in kwargs), None)
     t = torch.as_tensor(t).reshape(-1)
+    if where.scale != 1.0:
+        t = t.float() * where.scale
     batch = t.shape[0] if sample is None else sample.shape[0]
     if t.shape[0] == 1 and batch > 1:
         t = t.expand(batch)
     if t.shape[0] != batch:
         raise TLoraError(f"T-LoRA: {t.shape[0]} timesteps for a batch of {batch} samples.")
     return t
+
+
+def add_to_rows(output: torch.Tensor, delta: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
+    """output + delta, or, for one projection of a fused weight, delta added to its (offset, size) outputs."""
+    if rows is None:
+        return output + delta
+    out = output.clone()  # never in place: autograd may hold the Linear's output
+    out[..., rows[0]:rows[0] + rows[1]] += delta
+    return out
 
 
 @dataclass
@@ -193,12 +273,21 @@ class TLoraAdapter(nn.Module):
 class TLoraNetwork(nn.Module):
     """The network object sd-scripts trains; adapters live in `layers`, the UNet is never registered here."""
 
-    def __init__(self, config: TLoraConfig, factors: dict[str, LayerFactors],
-                 targets: dict[str, tuple[str, nn.Linear]], multiplier: float = 1.0, settings: Optional[dict] = None):
+    # flux_train_network.py reads this after create_network: no T5-XXL layer is adapted (nor CLIP-L), so the
+    # text encoders' outputs can be cached (--cache_text_encoder_outputs).
+    train_t5xxl = False
+
+    def __init__(self, config: TLoraConfig, factors: dict[str, LayerFactors], targets: dict[str, Target],
+                 multiplier: float = 1.0, settings: Optional[dict] = None, timestep_arg: TimestepArg = UNET_TIMESTEP):
         super().__init__()
-        self.config, self.multiplier = config, float(multiplier)
+        self.config, self.multiplier, self.timestep_arg = config, float(multiplier), timestep_arg
         self.settings = dict(settings or {})  # targets / seed, recorded in the file
-        self.layers = nn.ModuleDict({name: TLoraAdapter(name, f) for name, f in factors.items()})
+        # Module names cannot hold dots, ComfyUI layer keys do (diffusion_model.<path>.q): the registered name
+        # has them as underscores (kohya keys have none), `layers` maps the layer keys themselves.
+        self.adapters = nn.ModuleDict({name.replace(".", "_"): TLoraAdapter(name, f) for name, f in factors.items()})
+        if len(self.adapters) != len(factors):
+            raise TLoraError("two layer keys of this network differ only in '.' against '_'.")
+        self.layers: dict[str, TLoraAdapter] = {a.lora_name: a for a in self.adapters.values()}
         self._targets = targets  # plain dict: the UNet's modules must not become part of the network
         self._handles: list = []
         self.current: Optional[CallMasks] = None
@@ -216,7 +305,7 @@ class TLoraNetwork(nn.Module):
         self._handles.append(unet.register_forward_pre_hook(self._before_unet_call, with_kwargs=True))
         self._handles.append(unet.register_forward_hook(self._after_unet_call))
         for name, adapter in self.layers.items():
-            self._handles.append(self._targets[name][1].register_forward_hook(self._layer_hook(adapter)))
+            self._handles.append(self._targets[name].module.register_forward_hook(self._layer_hook(adapter)))
         logger.info("T-LoRA: %s rank %d r_min %d on %d UNet layers (%s).", self.config.variant, self.config.rank,
                     self.config.schedule_min_rank, len(self.layers), self.config.base_model)
 
@@ -228,7 +317,7 @@ class TLoraNetwork(nn.Module):
 
     def _before_unet_call(self, module, args, kwargs):
         self._saved_current.append((torch.is_grad_enabled(), self.current))
-        t = timesteps_of_call(args, kwargs)
+        t = timesteps_of_call(args, kwargs, self.timestep_arg)
         c = self.config
         ranks = ranks_for_timesteps(t, c.rank, c.schedule_min_rank, c.exponent, c.max_timestep)
         device = (args[0] if args else t).device
@@ -241,6 +330,8 @@ class TLoraNetwork(nn.Module):
         return None
 
     def _layer_hook(self, adapter: TLoraAdapter):
+        rows = self._targets[adapter.lora_name].rows
+
         def hook(module, args, output):
             if self.multiplier == 0:
                 return None
@@ -256,7 +347,7 @@ class TLoraNetwork(nn.Module):
                                      f"to {masks.shape[0]} timesteps.")
                 masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
             delta = masked_delta(x, adapter.factors(), None if masks is None else masks.to(x.device), active)
-            return output + (delta * self.multiplier).to(output.dtype)
+            return add_to_rows(output, (delta * self.multiplier).to(output.dtype), rows)
         return hook
 
     # --- what train_network.py calls -------------------------------------------------------------
@@ -355,17 +446,75 @@ class TLoraNetwork(nn.Module):
         return {name: delta_weight(a.factors(), mask).detach() for name, a in self.layers.items()}
 
 
+def timestep_arg_of(base_model: str) -> TimestepArg:
+    """How the model sd-scripts trains takes its timestep (see DIT_TIMESTEPS)."""
+    family = dit_family(base_model)
+    return UNET_TIMESTEP if family is None else DIT_TIMESTEPS[family.name]
+
+
+def svd_device(unet: nn.Module) -> torch.device:
+    """Where the Ortho-LoRA SVDs run: the GPU the model is on, else the current CUDA device, else the CPU.
+
+    sd-scripts creates the network while the model still sits on the CPU (it moves it to the accelerator
+    later), and accelerate has already made each process's own GPU the current one. CUDA only: the SVDs
+    run in float64, which MPS lacks.
+    """
+    device = next((p.device for p in unet.parameters() if p.device.type == "cuda"), None)
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device or torch.device("cpu")
+
+
 def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
     """A fresh T-LoRA network on `unet` (sd-scripts calls this; --network_args arrive as strings in kwargs)."""
     _check_no_dropout(neuron_dropout, kwargs.pop("dropout", None))
-    config, targets, seed = parse_network_args(network_dim, kwargs)
-    config = config.replace(base_model=base_model_of(unet))
+    base_model = base_model_of(unet)
+    config, targets, seed = parse_network_args(network_dim, kwargs, base_model)
     if network_alpha not in (None, 1, 1.0):
         logger.warning("T-LoRA ignores --network_alpha %s: its update has no alpha/rank scale.", network_alpha)
-    found = find_targets(unet, targets)
-    factors = {name: init_factors(config.ortho, m.in_features, m.out_features, config.rank, config.init, seed, name)
-               for name, (_, m) in found.items()}
-    return TLoraNetwork(config, factors, found, multiplier, {"targets": list(targets), "init_seed": seed})
+    dit = dit_family(base_model)
+    found = find_targets(unet, targets) if dit is None else find_dit_targets(unet, dit, targets)
+    family = family_for(base_model)
+    fused = {key: [DIT_PREFIX + t.path, t.rows[0], t.rows[1], t.module.out_features]
+             for key, t in found.items() if t.rows is not None}
+    config = config.replace(base_model=base_model, family="" if family is None else family.name, fused=fused)
+    svd_on = svd_device(unet) if config.ortho else None
+    home = next((p.device for p in unet.parameters()), torch.device("cpu"))  # factors live beside the model
+    factors = {name: init_factors(config.ortho, t.module.in_features, t.rows[1] if t.rows else t.module.out_features,
+                                  config.rank, config.init, seed, name, device=svd_on).to(home)
+               for name, t in found.items()}
+    return TLoraNetwork(config, factors, found, multiplier, {"targets": list(targets), "init_seed": seed},
+                        timestep_arg_of(base_model))
+
+
+def targets_of_file(unet: nn.Module, tlora: TLora, file) -> dict[str, Target]:
+    """The Linears of `unet` that a file's layers sit on: by kohya name (lora_unet_<path>), by ComfyUI name
+    (diffusion_model.<path>), and for one projection of a fused weight by the module and rows the file records."""
+    linears = {}
+    for path, m in unet.named_modules():
+        if isinstance(m, nn.Linear):
+            linears[layer_name(path)] = linears[DIT_PREFIX + path] = Target(path, m)
+    found, fused = {}, tlora.config.fused
+    for key in tlora.layers:
+        if key in fused:
+            module_path, offset, size, total = fused[key]
+            target = linears.get(module_path)
+            if target is not None and target.module.out_features == total:
+                found[key] = target._replace(rows=(offset, size))
+        elif key in linears:
+            found[key] = linears[key]
+    missing = [k for k in tlora.layers if k not in found]
+    if missing:
+        raise TLoraFormatError(f"{len(missing)} layers of {file} (e.g. {missing[0]}) are not Linear layers of this "
+                               f"model ({base_model_of(unet)}); it was trained on "
+                               f"{tlora.config.base_model or 'another model'}.")
+    for key, f in tlora.layers.items():
+        t = found[key]
+        rows = t.rows[1] if t.rows else t.module.out_features
+        if (f.out_features, f.in_features) != (rows, t.module.in_features):
+            raise TLoraFormatError(f"layer {key} of {file} is [{f.out_features}, {f.in_features}], the model's is "
+                                   f"[{rows}, {t.module.in_features}]: another base model.")
+    return found
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
@@ -385,17 +534,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         raise TLoraConfigError(f"variant={kwargs['variant']} but {file} is a {config.variant}.")
     overrides = {k: conv(kwargs[k]) for k, conv in (("min_rank", int), ("exponent", float)) if k in kwargs}
     config = config.replace(**overrides)
-    linears = {layer_name(p): (p, m) for p, m in unet.named_modules() if isinstance(m, nn.Linear)}
-    missing = [k for k in tlora.layers if k not in linears]
-    if missing:
-        raise TLoraFormatError(f"{len(missing)} layers of {file} (e.g. {missing[0]}) are not Linear layers of this "
-                               f"UNet ({base_model_of(unet)}); it was trained on "
-                               f"{config.base_model or 'another model'}.")
-    for key, f in tlora.layers.items():
-        m = linears[key][1]
-        if (f.out_features, f.in_features) != (m.out_features, m.in_features):
-            raise TLoraFormatError(f"layer {key} of {file} is [{f.out_features}, {f.in_features}], the UNet's is "
-                                   f"[{m.out_features}, {m.in_features}]: another base model.")
-    targets = {k: linears[k] for k in tlora.layers}
+    targets = targets_of_file(unet, tlora, file)
     settings = {k: config.training[k] for k in ("targets", "init_seed") if k in config.training}
-    return TLoraNetwork(config, tlora.layers, targets, multiplier, settings), tensors
+    return (TLoraNetwork(config, tlora.layers, targets, multiplier, settings, timestep_arg_of(base_model_of(unet))),
+            tensors)

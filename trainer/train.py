@@ -113,7 +113,7 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx, call, copy_saved, anchor, *tensors):
         ctx.call, ctx.copy_saved = call, copy_saved
         ctx.autocast = [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-                        for device in {t.device.type for t in tensors}]
+                        for device in {t.device.type for t in tensors} if torch.amp.is_autocast_available(device)]
         ctx.save_for_backward(*tensors)
         with torch.no_grad():
             return call([t.clone() for t in tensors])

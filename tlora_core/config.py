@@ -22,9 +22,14 @@ ORTHO_INITS = ("last", "middle", "principal")
 TEXT_FIELDS = ("variant", "init", "base_model", "trigger", "class_word", "source")
 
 
-def _whole(value) -> bool:
+def whole_number(value) -> bool:
     """An int that is not a bool (True would pass as rank 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite_number(value) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -43,28 +48,31 @@ class TLoraConfig:
     source: str = field(default="", metadata={"help": "where the tensors came from (trainer, reader name)"})
     training: dict = field(default_factory=dict, metadata={"help": "training settings, for the record"})
 
+    def refuse(self, name: str, why: str):
+        """Raise the settings error for one field: its name and value first, then what to do."""
+        raise TLoraConfigError(f"{name} = {getattr(self, name)!r}: {why}")
+
     def __post_init__(self):
+        bad = self.refuse
         for name in TEXT_FIELDS:
             if not isinstance(getattr(self, name), str):
-                raise TLoraConfigError(f"{name} must be text, got {getattr(self, name)!r}.")
+                bad(name, "must be text.")
         if not isinstance(self.training, dict):
-            raise TLoraConfigError(f"training must be a mapping of settings, got {self.training!r}.")
-        if not _whole(self.rank) or self.rank < 1:
-            raise TLoraConfigError(f"rank must be a whole number >= 1, got {self.rank!r}.")
-        if not _whole(self.min_rank) or not 1 <= self.min_rank <= self.rank:
-            raise TLoraConfigError(
-                f"r_min must be between 1 and rank ({self.rank}), got {self.min_rank!r}. "
-                f"Use r_min = rank // 2 (the paper's default) or lower it for more diversity.")
-        if not (isinstance(self.exponent, (int, float)) and not isinstance(self.exponent, bool)
-                and math.isfinite(self.exponent) and self.exponent > 0):
-            raise TLoraConfigError(f"schedule exponent must be a finite number > 0, got {self.exponent!r}.")
+            bad("training", "must be a mapping of settings.")
+        if not whole_number(self.rank) or self.rank < 1:
+            bad("rank", "must be a whole number >= 1.")
+        if not whole_number(self.min_rank) or not 1 <= self.min_rank <= self.rank:
+            bad("min_rank", f"r_min must be a whole number between 1 and rank ({self.rank}). "
+                            f"Use r_min = rank // 2 (the paper's default) or lower it for more diversity.")
+        if not (finite_number(self.exponent) and self.exponent > 0):
+            bad("exponent", "the schedule exponent must be a finite number > 0.")
         self.exponent = float(self.exponent)
-        if not _whole(self.max_timestep) or self.max_timestep < 1:
-            raise TLoraConfigError(f"max_timestep (T) must be a whole number >= 1, got {self.max_timestep!r}.")
+        if not whole_number(self.max_timestep) or self.max_timestep < 1:
+            bad("max_timestep", "T must be a whole number >= 1.")
         if self.variant not in VARIANTS:
-            raise TLoraConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
+            bad("variant", f"choose one of {', '.join(VARIANTS)}.")
         if self.ortho and self.init not in ORTHO_INITS:
-            raise TLoraConfigError(f"unknown init {self.init!r}; choose one of {', '.join(ORTHO_INITS)}.")
+            bad("init", f"choose one of {', '.join(ORTHO_INITS)}.")
 
     @property
     def ortho(self) -> bool:

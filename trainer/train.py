@@ -184,10 +184,7 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
     """Train a T-LoRA on `model` (never modified) and save it under output_folder/prefix_NNNNN.safetensors."""
     base_model = type(model.model.model_config).__name__
     pixels, weights = prepare_images(image, mask, settings.resolution, NATIVE_RESOLUTION.get(base_model, 1024))
-    config = TLoraConfig(rank=settings.rank, min_rank=settings.min_rank, exponent=settings.exponent,
-                         variant=settings.variant, init=settings.init, base_model=base_model,
-                         trigger=settings.trigger, class_word=settings.class_word, source="comfyui-tlora trainer",
-                         training=settings.record())
+    config = settings.tlora_config(base_model, source="comfyui-tlora trainer")
     start = check_resume(resume, config, settings) if resume is not None else 0
     next_free_path(output_folder, prefix)  # refuse a bad file name before training, not after
     saved: list[Path] = []

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -39,8 +38,8 @@ from .adapter import LayerFactors, delta_weight, masked_delta
 from .config import TLoraConfig
 from .errors import TLoraConfigError, TLoraError, TLoraFormatError
 from .format import TLora, load_tlora, parse_tlora, read_safetensors, save_tlora
+from .hooks import CallMasks, add_delta
 from .init import init_factors
-from .schedule import prefix_masks, ranks_for_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -150,18 +149,6 @@ def timesteps_of_call(args: tuple, kwargs: dict) -> torch.Tensor:
     return t
 
 
-@dataclass
-class CallMasks:
-    """Masks of the UNet call in progress: one prefix mask row per sample."""
-
-    ranks: list[int]
-    masks: torch.Tensor  # (batch, rank)
-
-    @property
-    def active(self) -> int:
-        return max(self.ranks)
-
-
 class TLoraAdapter(nn.Module):
     """Factors of one adapted Linear: trainable down / up / scale parameters, frozen base_* buffers."""
 
@@ -203,6 +190,7 @@ class TLoraNetwork(nn.Module):
         self._handles: list = []
         self.current: Optional[CallMasks] = None
         self._saved_current: list = []
+        self.full_rank = CallMasks([config.rank], torch.ones(1, config.rank))
 
     # --- hooks ---------------------------------------------------------------------------------
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True):
@@ -230,9 +218,8 @@ class TLoraNetwork(nn.Module):
         self._saved_current.append((torch.is_grad_enabled(), self.current))
         t = timesteps_of_call(args, kwargs)
         c = self.config
-        ranks = ranks_for_timesteps(t, c.rank, c.schedule_min_rank, c.exponent, c.max_timestep)
         device = (args[0] if args else t).device
-        self.current = CallMasks(ranks, prefix_masks(ranks, c.rank, device=device))
+        self.current = CallMasks.for_timesteps(t, c.rank, c.schedule_min_rank, c.exponent, c.max_timestep, device)
 
     def _after_unet_call(self, module, args, output):
         grad_enabled, previous = self._saved_current.pop() if self._saved_current else (True, None)
@@ -241,22 +228,19 @@ class TLoraNetwork(nn.Module):
         return None
 
     def _layer_hook(self, adapter: TLoraAdapter):
+        def delta(x, masks, active):
+            return masked_delta(x, adapter.factors(), masks, active)
+
         def hook(module, args, output):
             if self.multiplier == 0:
                 return None
             call = self.current
-            if call is None and self.config.masked:
-                raise TLoraError(f"T-LoRA layer {adapter.lora_name} ran outside a UNet call, so t is unknown; "
-                                 f"call the UNet the network was applied to.")
-            x = args[0]
-            masks, active = (None, None) if call is None or not self.config.masked else (call.masks, call.active)
-            if masks is not None and x.shape[0] != masks.shape[0]:
-                if x.shape[0] % masks.shape[0]:
-                    raise TLoraError(f"T-LoRA layer {adapter.lora_name}: {x.shape[0]} rows cannot be matched "
-                                     f"to {masks.shape[0]} timesteps.")
-                masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
-            delta = masked_delta(x, adapter.factors(), None if masks is None else masks.to(x.device), active)
-            return output + (delta * self.multiplier).to(output.dtype)
+            if call is None:
+                if self.config.masked:
+                    raise TLoraError(f"T-LoRA layer {adapter.lora_name} ran outside a UNet call, so t is unknown; "
+                                     f"call the UNet the network was applied to.")
+                call = self.full_rank  # an unmasked variant needs no t
+            return add_delta(output, args[0], call, self.multiplier, delta, adapter.lora_name)
         return hook
 
     # --- what train_network.py calls -------------------------------------------------------------
@@ -350,8 +334,9 @@ class TLoraNetwork(nn.Module):
     def delta_weights(self, t: float) -> dict[str, torch.Tensor]:
         """Dense dW(t) per layer (float32), for checks and exports."""
         c = self.config
-        ranks = ranks_for_timesteps(torch.tensor([float(t)]), c.rank, c.schedule_min_rank, c.exponent, c.max_timestep)
-        mask = prefix_masks(ranks, c.rank)[0]
+        call = CallMasks.for_timesteps(torch.tensor([float(t)]), c.rank, c.schedule_min_rank, c.exponent,
+                                       c.max_timestep)
+        mask = call.masks[0]
         return {name: delta_weight(a.factors(), mask).detach() for name, a in self.layers.items()}
 
 

@@ -7,7 +7,7 @@ run the model's wrappers, so the T-LoRA runtime sets each step's rank mask from 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -69,7 +69,6 @@ class LoopHooks:
     should_save: Callable[[int], bool]
     save: Callable[[int], None]
     start_step: int = 0
-    losses: list = field(default_factory=list)
 
 
 class TrainSampler(comfy.samplers.Sampler):

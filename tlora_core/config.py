@@ -39,7 +39,7 @@ class TLoraConfig:
     rank: int = field(default=64, metadata={"help": "number of low-rank components r"})
     min_rank: int = field(default=32, metadata={"help": "r_min: components kept at the highest noise"})
     exponent: float = field(default=1.0, metadata={"help": "bends r(t); 1 is the paper's straight line"})
-    max_timestep: int = field(default=DEFAULT_T, metadata={"help": "T of Eq. 5"})
+    max_timestep: int = field(default=DEFAULT_T, metadata={"help": "T of the schedule r(t), Sec. 3.2"})
     variant: str = field(default="tlora", metadata={"help": "one of " + ", ".join(VARIANTS)})
     init: str = field(default="last", metadata={"help": "ortho init: last | middle | principal"})
     base_model: str = field(default="", metadata={"help": "model family trained on, e.g. SD15, SDXL, Flux"})
@@ -76,7 +76,8 @@ class TLoraConfig:
 
     @property
     def ortho(self) -> bool:
-        """True when the factors start orthogonal and the frozen initial product is subtracted (Eq. 6)."""
+        """True when the factors start orthogonal and the frozen initial product is subtracted (Eq. 5, Sec. 3.3;
+        with the mask, Eq. 6)."""
         return VARIANTS[self.variant][0]
 
     @property

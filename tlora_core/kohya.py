@@ -13,7 +13,7 @@ factors, and train_network.py turns `--scale_weight_norms` off with a warning wh
 
 How the timestep reaches the adapters, with sd-scripts left untouched: a forward pre-hook on the UNet reads its
 timestep argument (2nd positional, or `timestep=` for SD1.x/2.x, `timesteps=` for SD-XL), turns it into one
-prefix mask per batch row (Eq. 5) and keeps them for that call; a forward hook on every adapted Linear adds
+prefix mask per batch row (r(t) of Sec. 3.2, M_t of Eq. 3) and keeps them for that call; a forward hook on every adapted Linear adds
 multiplier * dW(t_i) x_i (Eq. 6) row by row. The masks of a grad-enabled call stay in place until the next
 call, so gradient checkpointing recomputes with the same masks; a no-grad call in between (sd-scripts'
 differential output preservation, sample images) puts the previous masks back when it ends.

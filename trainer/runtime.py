@@ -1,7 +1,7 @@
 """Applies a T-LoRA to a ComfyUI ModelPatcher so that the rank mask follows every model call's sigma.
 
 How it enters ComfyUI (each with its undo, under a key of its own so several T-LoRAs stack):
-- an APPLY_MODEL wrapper reads the sigmas of the call, turns them into t and r(t) (Eq. 5) and keeps
+- an APPLY_MODEL wrapper reads the sigmas of the call, turns them into t and r(t) (Sec. 3.2) and keeps
   the masks for the duration of that call;
 - a PatcherInjection adds, on inject, two hooks to every adapted Linear and removes them on eject:
   * a `weight_function` (ComfyUI's per-forward weight hook, also used by its low-VRAM patches) that

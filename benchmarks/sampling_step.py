@@ -1,14 +1,20 @@
-"""Sampling-step time and peak memory: no LoRA, a standard LoRA (LoraLoader), Apply T-LoRA (issue 3).
+"""Sampling-step time and peak memory: no LoRA, a standard LoRA (LoraLoader), Apply T-LoRA.
 
-All three on a full-size SD1.5-architecture UNet (ComfyUI's SD15 config: model_channels 320,
-channel_mult [1, 2, 4, 4], 2 res blocks, transformer depth 1, context 768; 859.5 M parameters) with
-random weights, through ComfyUI's own KSampler path (`comfy.sample.sample`, euler, CFG 7, so every
-model call is a batch of 2 rows: cond and uncond):
+Two models, random weights, built and detected by ComfyUI itself (see Setup):
+  --model sd15  the full SD1.5 UNet (ComfyUI's SD15 config: model_channels 320, channel_mult
+                [1, 2, 4, 4], 2 res blocks, transformer depth 1, context 768; 859.5 M parameters),
+                sampled as KSampler does (`comfy.sample.sample`, euler, CFG 7: every model call is a
+                batch of 2 rows, cond and uncond); adapted: to_q/k/v/out of attn1 and attn2 of all 16
+                transformer blocks (128 Linears);
+  --model flux  a Flux-shaped DiT: Flux.1-dev's widths (hidden 3072, 24 heads) with fewer blocks
+                (--flux-blocks), euler, CFG 1; adapted: the layers named by ComfyUI's Flux LoRA key map
+                (q/k/v row slices of the fused qkv and linear1 weights, output projections).
+Variants:
   none   the bare model;
-  lora   a rank-64 LoRA on the attention projections, loaded by `comfy.sd.load_lora_for_models`
-         (what LoraLoader does: the patch is merged into the weights when the model loads);
-  tlora  Apply T-LoRA (rank 64, r_min 32, variant tlora) on the same layers (to_q/k/v/out of attn1
-         and attn2 of all 16 transformer blocks: 128 Linears).
+  lora   a rank-64 LoRA on the same layers, loaded by `comfy.sd.load_lora_for_models` (what LoraLoader
+         does: merged into the weights when the model loads, in the untimed first step); the report
+         checks it was merged at load and that its step equals the bare model's within 5 %;
+  tlora  Apply T-LoRA (rank 64, r_min 32, variant tlora) on the same layers.
 Peak memory: each variant alone in a child process (same seeds), so one variant's freed memory
 cannot hide or inflate another's; CPU: peak RSS (psutil, sampled every 2 ms in a thread) minus the
 RSS before the adapter is built; CUDA: torch.cuda.max_memory_allocated minus the allocation then.
@@ -19,8 +25,10 @@ callbacks, the first step of every run (loading, patching) is left out; median a
 and the host cost of one adapted layer's weight function.
 
     .venv/bin/python benchmarks/sampling_step.py             # CPU: 32x32 latent (256 px)
+    .venv/bin/python benchmarks/sampling_step.py --latent 64 # 512 px
+    .venv/bin/python benchmarks/sampling_step.py --model flux --flux-blocks 2,2
     .venv/bin/python benchmarks/sampling_step.py --profile
-CUDA (when present): fp16 model, 64x64 latent (512 px) unless --latent is given.
+CUDA (when present): fp16 SD1.5 / bf16 DiT, 64x64 latent (512 px) unless --latent is given.
 """
 from __future__ import annotations
 

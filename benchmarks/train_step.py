@@ -148,9 +148,10 @@ SD15_DIFFUSERS = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_
 TINY_DIFFUSERS = {**SD15_DIFFUSERS, "layers_per_block": 1, "block_out_channels": (320,),
                   "down_block_types": ("CrossAttnDownBlock2D",), "up_block_types": ("CrossAttnUpBlock2D",)}
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# (layer counts: the full SD1.5 UNet)
 ADAPTS = {"peft": "diffusers + peft LoRA: to_q/k/v/out.0 of every attention (128 Linears)",
-          "lora": "this trainer, plain LoRA: the same 128 attention projections",
-          "tlora": "this trainer, T-LoRA: the same 128 attention projections",
+          "lora": "this trainer, plain LoRA: the same attention projections",
+          "tlora": "this trainer, T-LoRA: the same attention projections",
           "tlora_ff": "this trainer, T-LoRA: attention + feed-forward Linears (160)",
           "native": "TrainLoraNode LoRA: every weight of 2+ dims (Linear + conv) + diffs on all 1-D tensors"}
 

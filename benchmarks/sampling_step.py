@@ -1,14 +1,20 @@
-"""Sampling-step time and peak memory: no LoRA, a standard LoRA (LoraLoader), Apply T-LoRA (issue 3).
+"""Sampling-step time and peak memory: no LoRA, a standard LoRA (LoraLoader), Apply T-LoRA.
 
-All three on a full-size SD1.5-architecture UNet (ComfyUI's SD15 config: model_channels 320,
-channel_mult [1, 2, 4, 4], 2 res blocks, transformer depth 1, context 768; 859.5 M parameters) with
-random weights, through ComfyUI's own KSampler path (`comfy.sample.sample`, euler, CFG 7, so every
-model call is a batch of 2 rows: cond and uncond):
+Two models, random weights, built and detected by ComfyUI itself (see Setup):
+  --model sd15  the full SD1.5 UNet (ComfyUI's SD15 config: model_channels 320, channel_mult
+                [1, 2, 4, 4], 2 res blocks, transformer depth 1, context 768; 859.5 M parameters),
+                sampled as KSampler does (`comfy.sample.sample`, euler, CFG 7: every model call is a
+                batch of 2 rows, cond and uncond); adapted: to_q/k/v/out of attn1 and attn2 of all 16
+                transformer blocks (128 Linears);
+  --model flux  a Flux-shaped DiT: Flux.1-dev's widths (hidden 3072, 24 heads) with fewer blocks
+                (--flux-blocks), euler, CFG 1; adapted: the layers named by ComfyUI's Flux LoRA key map
+                (q/k/v row slices of the fused qkv and linear1 weights, output projections).
+Variants:
   none   the bare model;
-  lora   a rank-64 LoRA on the attention projections, loaded by `comfy.sd.load_lora_for_models`
-         (what LoraLoader does: the patch is merged into the weights when the model loads);
-  tlora  Apply T-LoRA (rank 64, r_min 32, variant tlora) on the same layers (to_q/k/v/out of attn1
-         and attn2 of all 16 transformer blocks: 128 Linears).
+  lora   a rank-64 LoRA on the same layers, loaded by `comfy.sd.load_lora_for_models` (what LoraLoader
+         does: merged into the weights when the model loads, in the untimed first step); the report
+         checks it was merged at load and that its step equals the bare model's within 5 %;
+  tlora  Apply T-LoRA (rank 64, r_min 32, variant tlora) on the same layers.
 Peak memory: each variant alone in a child process (same seeds), so one variant's freed memory
 cannot hide or inflate another's; CPU: peak RSS (psutil, sampled every 2 ms in a thread) minus the
 RSS before the adapter is built; CUDA: torch.cuda.max_memory_allocated minus the allocation then.
@@ -19,8 +25,10 @@ callbacks, the first step of every run (loading, patching) is left out; median a
 and the host cost of one adapted layer's weight function.
 
     .venv/bin/python benchmarks/sampling_step.py             # CPU: 32x32 latent (256 px)
+    .venv/bin/python benchmarks/sampling_step.py --latent 64 # 512 px
+    .venv/bin/python benchmarks/sampling_step.py --model flux --flux-blocks 2,2
     .venv/bin/python benchmarks/sampling_step.py --profile
-CUDA (when present): fp16 model, 64x64 latent (512 px) unless --latent is given.
+CUDA (when present): fp16 SD1.5 / bf16 DiT, 64x64 latent (512 px) unless --latent is given.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import sys
 import threading
 import time
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,19 +82,49 @@ def device_kind() -> str:
     return mm.get_torch_device().type
 
 
+def package_version(name: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> str:
+    """Versions (torch, ComfyUI, diffusers, peft) and the machine, for the head of every report."""
+    import platform
+
+    import psutil
+    from support.comfy_env import comfyui_dir
+    try:
+        import comfyui_version
+        comfy_version = comfyui_version.__version__
+    except ImportError:
+        comfy_version = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"torch {torch.__version__}, ComfyUI {comfy_version} ({comfyui_dir()}), diffusers "
+            f"{package_version('diffusers')}, peft {package_version('peft')}, python {platform.python_version()}\n"
+            f"machine: {platform.system()} {platform.machine()}, CPU {cpu}, {os.cpu_count()} logical cores, "
+            f"torch threads {torch.get_num_threads()}, RAM {psutil.virtual_memory().total / 2 ** 30:.0f} GiB, "
+            f"GPU {gpu}; compute device {device_kind()}; load average {load_average()}")
+
+
 # ---------------------------------------------------------------- model
 
-def random_unet_state_dict(seed: int = 0) -> dict:
-    """Random SD15 UNet weights: matrices/kernels ~ N(0, 1/fan_in), norms identity, other vectors small."""
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    with torch.device("meta"):
-        unet = UNetModel(**SD15_UNET, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-    norms = {f"{n}.{p}" if n else p: p for n, m in unet.named_modules()
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
+    """Random weights for a (meta-device) model: matrices/kernels ~ N(0, 1/fan_in), norms identity
+    (GroupNorm, LayerNorm, and the `scale` of RMS norms), other vectors small."""
+    norms = {f"{n}.{p}" if n else p: p for n, m in model.named_modules()
              if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for p, _ in m.named_parameters(recurse=False)}
+    norms.update({n: "weight" for n, _ in model.named_parameters() if n.endswith(".scale")})
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for name, param in sorted(unet.named_parameters()):
+    for name, param in sorted(model.named_parameters()):
         shape = tuple(param.shape)
         if name in norms:
             sd[name] = torch.ones(shape) if norms[name] == "weight" else torch.zeros(shape)
@@ -99,42 +138,90 @@ def random_unet_state_dict(seed: int = 0) -> dict:
 def build_sd15_unet(dtype: torch.dtype, seed: int = 0):
     """A ModelPatcher of the full-size SD15 UNet, detected and built by ComfyUI itself."""
     import comfy.sd
-    patcher = comfy.sd.load_diffusion_model_state_dict(random_unet_state_dict(seed), model_options={"dtype": dtype})
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        unet = UNetModel(**SD15_UNET, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    patcher = comfy.sd.load_diffusion_model_state_dict(random_state_dict(unet, seed), model_options={"dtype": dtype})
     if patcher is None or type(patcher.model.model_config).__name__ != "SD15":
         raise RuntimeError("ComfyUI did not detect the random UNet as SD15")
     gc.collect()
     return patcher
 
 
-def target_layers(patcher) -> dict[str, torch.nn.Module]:
-    """The 128 attention projections, keyed `diffusion_model.<path>` (the trainer's own finder)."""
-    from tlora_pack.trainer.train import find_target_layers
-    return find_target_layers(patcher.model, "attention")
+def flux_config(double: int, single: int) -> dict:
+    """Flux.1-dev's transformer at its real widths (hidden 3072, 24 heads, MLP 4x, T5 context 4096,
+    CLIP pooled 768, guidance embedding) with `double` double-stream and `single` single-stream blocks
+    (the real model has 19 and 38)."""
+    return dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                mlp_ratio=4.0, num_heads=24, depth=double, depth_single_blocks=single, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 
 
-def random_tlora(layers: dict, seed: int = 1):
+def build_flux(dtype: torch.dtype, double: int, single: int, seed: int = 0):
+    """A ModelPatcher of a Flux-shaped DiT (flux_config) with random weights, detected and built by ComfyUI."""
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.flux.model import Flux
+    with torch.device("meta"):
+        model = Flux(**flux_config(double, single), dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    patcher = comfy.sd.load_diffusion_model_state_dict(random_state_dict(model, seed), model_options={"dtype": dtype})
+    if patcher is None or type(patcher.model.model_config).__name__ != "Flux":
+        raise RuntimeError("ComfyUI did not detect the random DiT as Flux")
+    gc.collect()
+    return patcher
+
+
+def flux_layer_keys(double: int, single: int) -> list[str]:
+    """The Flux T-LoRA's layer keys, named as ComfyUI's Flux LoRA key map names them (diffusers names):
+    q, k, v and output projections of both streams of every double block (the reference code's FLUX
+    targets) and q, k, v of every single block. q/k/v are row slices of the fused qkv / linear1 weights."""
+    keys = [f"transformer.transformer_blocks.{i}.attn.{p}" for i in range(double)
+            for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
+    return keys + [f"transformer.single_transformer_blocks.{i}.attn.{p}" for i in range(single)
+                   for p in ("to_q", "to_k", "to_v")]
+
+
+def target_shapes(patcher, family: str, flux_blocks: tuple[int, int] = (0, 0)) -> dict[str, tuple[int, int]]:
+    """{layer key: (out, in)} of the adapted layers. SD1.5: the 128 attention projections, keyed
+    `diffusion_model.<path>` (the trainer's own finder). Flux: flux_layer_keys resolved through
+    ComfyUI's LoRA key map (trainer.runtime.resolve_targets), fused slices as their rows."""
+    if family == "sd15":
+        from tlora_pack.trainer.train import find_target_layers
+        return {k: (site.out_features, site.in_features) for k, site in
+                find_target_layers(patcher.model, "attention").items()}
+    from tlora_pack.trainer.runtime import resolve_targets
+    found, missing = resolve_targets(patcher.model, flux_layer_keys(*flux_blocks))
+    if missing:
+        raise RuntimeError(f"ComfyUI's Flux LoRA key map resolves no layer for {missing[:3]}")
+    shapes = {}
+    for key, target in found.items():
+        weight = patcher.model.get_submodule(target.module_path).weight
+        shapes[key] = (target.rows[1] if target.rows else weight.shape[0], weight.shape[1])
+    return shapes
+
+
+def random_tlora(shapes: dict, base_model: str, seed: int = 1):
     """A rank-64 T-LoRA (variant tlora, with frozen base factors) whose dW is not zero."""
     from tlora_pack.tlora_core.adapter import LayerFactors
     from tlora_pack.tlora_core.config import TLoraConfig
     from tlora_pack.tlora_core.format import TLora
     gen = torch.Generator().manual_seed(seed)
 
-    def factors(m):
-        out_f, in_f = m.weight.shape
+    def factors(out_f, in_f):
         rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
         return LayerFactors(down=rnd(RANK, in_f) / math.sqrt(in_f), up=rnd(out_f, RANK) * 0.01,
                             scale=rnd(RANK).abs(), base_down=rnd(RANK, in_f) / math.sqrt(in_f),
                             base_up=rnd(out_f, RANK) * 0.01, base_scale=rnd(RANK).abs())
-    config = TLoraConfig(rank=RANK, min_rank=MIN_RANK, variant="tlora", base_model="SD15", source="benchmark")
-    return TLora(config, {k: factors(m) for k, m in layers.items()})
+    config = TLoraConfig(rank=RANK, min_rank=MIN_RANK, variant="tlora", base_model=base_model, source="benchmark")
+    return TLora(config, {k: factors(*shape) for k, shape in shapes.items()})
 
 
-def random_lora(layers: dict, seed: int = 1) -> dict:
+def random_lora(shapes: dict, seed: int = 1) -> dict:
     """A standard kohya-style rank-64 LoRA on the same layers (alpha = rank, so scale 1)."""
     gen = torch.Generator().manual_seed(seed)
     sd = {}
-    for key, m in layers.items():
-        out_f, in_f = m.weight.shape
+    for key, (out_f, in_f) in shapes.items():
         sd[f"{key}.lora_down.weight"] = torch.randn(RANK, in_f, generator=gen) / math.sqrt(in_f)
         sd[f"{key}.lora_up.weight"] = torch.randn(out_f, RANK, generator=gen) * 0.01
         sd[f"{key}.alpha"] = torch.tensor(float(RANK))
@@ -188,21 +275,64 @@ class PeakMemory:
         return self.peak - self.baseline
 
 
-def make_patchers(base, variants, runtimes: dict) -> tuple[dict, dict]:
+@dataclass
+class Setup:
+    """What differs between the two model families of this benchmark, in one place."""
+
+    family: str = "sd15"  # sd15 | flux
+    flux_blocks: tuple[int, int] = (2, 2)  # double-stream, single-stream blocks of the Flux-shaped DiT
+    flux_tokens: int = 256  # T5 tokens (ComfyUI pads Flux prompts to 256)
+
+    @property
+    def base_model(self) -> str:
+        return "SD15" if self.family == "sd15" else "Flux"
+
+    @property
+    def channels(self) -> int:
+        return 4 if self.family == "sd15" else 16
+
+    @property
+    def cfg(self) -> float:
+        """SD1.5 with CFG 7 (cond + uncond: 2 rows per model call); Flux-dev with CFG 1 and its guidance
+        embedding (1 row per call), as each is normally sampled."""
+        return 7.0 if self.family == "sd15" else 1.0
+
+    def build(self, device: str):
+        if self.family == "sd15":
+            return build_sd15_unet(torch.float16 if device == "cuda" else torch.float32)
+        return build_flux(torch.bfloat16 if device == "cuda" else torch.float32, *self.flux_blocks)
+
+    def conditioning(self, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        if self.family == "sd15":
+            return [[torch.randn(1, 77, 768, generator=gen), {}]]
+        return [[torch.randn(1, self.flux_tokens, 4096, generator=gen),
+                 {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": 3.5}]]
+
+    def describe(self) -> str:
+        if self.family == "sd15":
+            return "full SD1.5 UNet (859.5 M), 128 attention projections adapted"
+        d, n = self.flux_blocks
+        return (f"Flux-shaped DiT (hidden 3072, 24 heads; {d} double + {n} single blocks of the real 19 + 38), "
+                f"{8 * d + 3 * n} layers adapted (q/k/v slices of fused qkv / linear1, output projections), "
+                f"{self.flux_tokens} text tokens")
+
+
+def make_patchers(base, setup: Setup, variants, runtimes: dict) -> tuple[dict, dict]:
     """{variant: patcher} and {variant: adapter bytes} on one shared base model (ComfyUI clones)."""
     import comfy.sd
     from tlora_pack.trainer.runtime import apply_tlora
-    layers = target_layers(base)
+    shapes = target_shapes(base, setup.family, setup.flux_blocks)
     patchers, sizes = {}, {}
     for variant in variants:
         if variant == "none":
             patchers[variant], sizes[variant] = base, 0
         elif variant == "lora":
-            lora = random_lora(layers)
+            lora = random_lora(shapes)
             patchers[variant], _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
             sizes[variant] = nbytes(lora.values())
         elif variant == "tlora":
-            tlora = random_tlora(layers)
+            tlora = random_tlora(shapes, setup.base_model)
             patchers[variant], runtimes[variant] = apply_tlora(base, tlora, 1.0)
             sizes[variant] = nbytes(t for f in tlora.layers.values() for t in f.tensors().values())
         else:
@@ -210,13 +340,16 @@ def make_patchers(base, variants, runtimes: dict) -> tuple[dict, dict]:
     return patchers, sizes
 
 
-def conditioning(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 77, 768, generator=gen), {}]]
+def merged_at_load(patcher) -> dict:
+    """How ComfyUI applied a standard LoRA (call while it is loaded): weights merged at load (kept in
+    its backup to restore) and per-forward weight functions (low-VRAM patches, which would cost
+    time every step). A LoRA as users run it on a model that fits: all merged, none per step."""
+    per_step = sum(1 for m in patcher.model.modules() if getattr(m, "weight_function", None))
+    return {"merged": len(getattr(patcher, "backup", {})), "per_step": per_step}
 
 
-def sample_once(patcher, latent: int, steps: int, device: str, seed: int = 0):
-    """comfy.sample.sample as KSampler runs it (euler, normal, CFG 7).
+def sample_once(patcher, setup: Setup, latent: int, steps: int, device: str, seed: int = 0):
+    """comfy.sample.sample as KSampler runs it (euler; SD1.5: normal schedule, CFG 7; Flux: simple, CFG 1).
 
     Returns (output, wall seconds per step, process CPU seconds per step); the first entry covers
     loading / patching plus the first step, the others one step each. CPU time (all threads of this
@@ -231,10 +364,11 @@ def sample_once(patcher, latent: int, steps: int, device: str, seed: int = 0):
             torch.cuda.synchronize()
         wall.append(time.perf_counter())
         cpu.append(time.process_time())
-    latent_image = torch.zeros(1, 4, latent, latent)
+    latent_image = torch.zeros(1, setup.channels, latent, latent)
     noise = torch.randn(latent_image.shape, generator=torch.Generator().manual_seed(seed))
-    out = comfy.sample.sample(patcher, noise, steps, 7.0, "euler", "normal", conditioning(1), conditioning(2),
-                              latent_image, callback=callback, disable_pbar=True, seed=seed)
+    scheduler = "normal" if setup.family == "sd15" else "simple"
+    out = comfy.sample.sample(patcher, noise, steps, setup.cfg, "euler", scheduler, setup.conditioning(1),
+                              setup.conditioning(2), latent_image, callback=callback, disable_pbar=True, seed=seed)
     return out, gaps(wall), gaps(cpu)
 
 
@@ -242,37 +376,43 @@ def gaps(stamps: list[float]) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def memory_worker(variant: str, latent: int, steps: int) -> dict:
+def memory_worker(setup: Setup, variant: str, latent: int, steps: int) -> dict:
     """Peak memory of one variant, alone in this process: base model built first, then probe, adapter, sampling."""
     device = device_kind()
-    base = build_sd15_unet(torch.float16 if device == "cuda" else torch.float32)
+    base = setup.build(device)
     memory = PeakMemory(device).start()
-    patchers, sizes = make_patchers(base, [variant], {})
-    out, _, _ = sample_once(patchers[variant], latent, steps, device)
+    patchers, sizes = make_patchers(base, setup, [variant], {})
+    out, _, _ = sample_once(patchers[variant], setup, latent, steps, device)
     return {"variant": variant, "peak_bytes": memory.stop(), "adapter_bytes": sizes[variant],
             "finite": bool(torch.isfinite(out).all())}
 
 
-def timing_worker(variants, latent: int, steps: int, rounds: int, profile: bool) -> dict:
+def timing_worker(setup: Setup, variants, latent: int, steps: int, rounds: int, profile: bool) -> dict:
     """Step times of all variants in one process, interleaved round by round, so that other load on
     the machine falls on every variant alike. Times per variant: "steps" (wall s), "cpu" (process CPU s),
     "first" (wall s of each run's first step, loading included)."""
+    import comfy.model_management as mm
     device = device_kind()
-    base = build_sd15_unet(torch.float16 if device == "cuda" else torch.float32)
+    base = setup.build(device)
     runtimes = {}
-    patchers, _ = make_patchers(base, variants, runtimes)
+    patchers, _ = make_patchers(base, setup, variants, runtimes)
     times = {v: {"steps": [], "cpu": [], "first": []} for v in variants}
+    lora_patching = None
     for _ in range(rounds):
         for v in variants:
-            _, wall, cpu = sample_once(patchers[v], latent, steps, device)
+            _, wall, cpu = sample_once(patchers[v], setup, latent, steps, device)
+            if v == "lora" and lora_patching is None:
+                lora_patching = merged_at_load(patchers[v])  # still loaded: nothing else ran since
             times[v]["first"].append(wall[0])
             times[v]["steps"].extend(wall[1:])
             times[v]["cpu"].extend(cpu[1:])
     result = {"device": device, "latent": latent, "steps": steps, "rounds": rounds, "times": times,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "lora_patching": lora_patching, "model": setup.describe(),
+              "cfg": setup.cfg}
     if profile and "tlora" in variants:
+        mm.unload_all_models()
         result["profile"] = dispatch_overhead(device)
-        result["profile"] += "\n" + attribution(base, runtimes["tlora"].tlora, latent, device)
+        result["profile"] += "\n" + attribution(base, setup, runtimes["tlora"].tlora, latent, device)
     return result
 
 
@@ -309,7 +449,7 @@ def dispatch_overhead(device: str, calls: int = 300) -> str:
             f"{out['weight function'] * 560 / 1e3:.1f} ms per model call")
 
 
-def attribution(base, tlora, latent, device) -> str:
+def attribution(base, setup: Setup, tlora, latent, device) -> str:
     """torch.profiler over 2 steps of a fresh T-LoRA patcher, with labels on the pack's functions."""
     import comfy.model_management as mm
     from tlora_pack.trainer import runtime as rt
@@ -339,10 +479,10 @@ def attribution(base, tlora, latent, device) -> str:
     mm.cast_to = cast_to
     try:
         patched, _ = rt.apply_tlora(base, tlora, 1.0)
-        sample_once(patched, latent, 1, device)  # loads (injects) it
+        sample_once(patched, setup, latent, 1, device)  # loads (injects) it
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
-            sample_once(patched, latent, 2, device)
+            sample_once(patched, setup, latent, 2, device)
         mm.unload_all_models()  # ejects while the labelled functions are still the ones injected
     finally:
         for label, (obj, name) in labels.items():
@@ -403,9 +543,11 @@ def report(timing: dict, memory: dict):
     t = timing["times"]
     wall, cpu = step_medians(t)
     lat = timing["latent"]
-    print(f"\ndevice {timing['device']} ({timing['threads']} threads), latent {lat}x{lat} ({lat * 8} px), batch 2 "
-          f"(cond + uncond), euler; {timing['rounds']} rounds x {timing['steps']} steps per variant, interleaved; "
-          f"the first step of each run is not timed")
+    rows = 2 if timing["cfg"] != 1.0 else 1
+    print(f"\n{timing['model']}")
+    print(f"device {timing['device']} ({timing['threads']} threads), latent {lat}x{lat} ({lat * 8} px), {rows} row(s) "
+          f"per model call (CFG {timing['cfg']:g}), euler; {timing['rounds']} rounds x {timing['steps']} steps per "
+          f"variant, interleaved; the first step of each run is not timed")
     print(f"{'variant':8} {'wall s/step':>11} {'(min':>6} {'max)':>6} {'CPU s/step':>10} {'n':>3} {'1st step s':>10} "
           f"{'peak MiB':>9} {'adapter MiB':>11} finite")
     for v, x in t.items():
@@ -413,10 +555,17 @@ def report(timing: dict, memory: dict):
         print(f"{v:8} {wall[v]:11.3f} {min(x['steps']):6.2f} {max(x['steps']):6.2f} {cpu[v]:10.3f} "
               f"{len(x['steps']):3d} {statistics.median(x['first']):10.2f} {mib(m.get('peak_bytes', 0)):9.1f} "
               f"{mib(m.get('adapter_bytes', 0)):11.1f} {m.get('finite', '?')}")
-    pairs = [("tlora", "lora", "T-LoRA / standard LoRA", "  (goal <= 1.05x)"), ("tlora", "none", "T-LoRA / none", ""),
-             ("lora", "none", "standard LoRA / none", "")]
+    pairs = [("tlora", "none", "T-LoRA / bare", "  (goal <= 1.05x)"),
+             ("tlora", "lora", "T-LoRA / standard LoRA", "  (goal <= 1.05x)"),
+             ("lora", "none", "standard LoRA / bare", "  (check: within 0.95-1.05x)")]
     for line in ratio_lines(wall, "wall, median", pairs) + ratio_lines(cpu, "CPU,  median", pairs):
         print(line)
+    patching = timing.get("lora_patching")
+    if patching is not None and "none" in wall:
+        within = all(0.95 <= v["lora"] / v["none"] <= 1.05 for v in (wall, cpu))
+        print(f"standard LoRA baseline: {patching['merged']} weights merged at load, {patching['per_step']} "
+              f"per-step weight functions; step time equals the bare model's within 5 % (wall and CPU): "
+              f"{'yes' if within else 'NO: the baseline is noisy or pays a per-step cost; do not quote its ratio'}")
     for v, note in (("tlora", "  (goal: <= the adapter's tensors)"), ("lora", "  (+ ComfyUI's backup of patched weights)")):
         if v in memory and "none" in memory:
             over = memory[v]["peak_bytes"] - memory["none"]["peak_bytes"]
@@ -428,34 +577,41 @@ def report(timing: dict, memory: dict):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("sd15", "flux"), default="sd15",
+                        help="sd15: the full SD1.5 UNet; flux: a Flux-shaped DiT (see --flux-blocks)")
+    parser.add_argument("--flux-blocks", default="2,2", help="double,single blocks of the Flux-shaped DiT")
+    parser.add_argument("--flux-tokens", type=int, default=256, help="text tokens of the Flux conditioning")
     parser.add_argument("--variants", default="none,lora,tlora")
     parser.add_argument("--latent", type=int, default=0, help="latent side; 0: 32 on the CPU, 64 on CUDA")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps per run (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the variants")
-    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory run")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory run (0: no memory runs)")
     parser.add_argument("--profile", action="store_true",
                         help="also break down where T-LoRA's extra time goes (needs the lora and tlora variants)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = args.variants.split(",")
+    double, single = (int(n) for n in args.flux_blocks.split(","))
+    setup = Setup(args.model, (double, single), args.flux_tokens)
+    setup_pack()
     if args.worker:
-        setup_pack()
         if args.threads:
             torch.set_num_threads(args.threads)
         latent = args.latent or (64 if device_kind() == "cuda" else 32)
         if args.worker == "timing":
-            out = timing_worker(variants, latent, args.steps, args.rounds, args.profile)
+            out = timing_worker(setup, variants, latent, args.steps, args.rounds, args.profile)
         else:
-            out = memory_worker(args.worker, latent, args.memory_steps)
+            out = memory_worker(setup, args.worker, latent, args.memory_steps)
         print(RESULT_TAG + json.dumps(out), flush=True)
         return
     start = time.perf_counter()
-    print(f"load average at start: {load_average()}", flush=True)
-    common = ["--latent", str(args.latent), "--steps", str(args.steps), "--rounds", str(args.rounds),
+    print(environment(), flush=True)
+    common = ["--model", args.model, "--flux-blocks", args.flux_blocks, "--flux-tokens", str(args.flux_tokens),
+              "--latent", str(args.latent), "--steps", str(args.steps), "--rounds", str(args.rounds),
               "--memory-steps", str(args.memory_steps), "--variants", args.variants, "--threads", str(args.threads)]
     memory = {}
-    for v in variants:
+    for v in variants if args.memory_steps else []:
         print(f"-- memory run: {v}", flush=True)
         memory[v] = run_child(["--worker", v, *common])
     print("-- timing run: " + ", ".join(variants) + (" + profile" if args.profile else ""), flush=True)

@@ -1,28 +1,37 @@
-"""Training-step time and peak memory: ComfyUI's TrainLoraNode vs this pack's trainer (issue 4).
+"""Training-step time and peak memory: this pack's trainer beside diffusers + peft and ComfyUI's TrainLoraNode.
 
-Three trainers on the same full-size SD1.5-architecture UNet (859.5 M parameters, random weights,
-fp32 on the CPU), rank 64, batch 1, the same image (256 px unless --resolution), AdamW lr 1e-4:
-  native  comfy_extras/nodes_train.py TrainLoraNode (algorithm LoRA; as in its code, an adapter on
-          EVERY weight of 2+ dimensions, convolutions included, plus trained diffs on all 1-D
-          weights and biases). Fed a LIST of two latents, as its dataset nodes produce (a single
-          latent batch crashes 0.3.75 with UnboundLocalError 'multi_res'); batch_size 1 still
-          trains on one latent per step. training_dtype and lora_dtype fp32 (bf16 is ~10x slower
-          on a CPU; the pack's trainer uses fp32 there too). On CUDA: bf16 model and autocast for all.
-  lora    this pack's trainer, variant "lora" (plain LoRA on the attention projections).
-  tlora   this pack's trainer, variant "tlora" (Ortho-LoRA init, frozen base copies, rank mask).
-Gradient checkpointing is the same for all three (--gradient-checkpointing; TrainLoraNode's own
-default is on, the pack's off). The Ortho-LoRA SVD init is swapped for random factors of the same
+Trainers on the same full-size SD1.5-architecture UNet (859.5 M parameters, random weights, fp32 on
+the CPU, bf16 autocast on CUDA), rank 64, batch 1, 256 px (32x32 latent) unless --resolution, AdamW
+lr 1e-4, betas (0.9, 0.999), weight decay 1e-4, eps 1e-8. What each row adapts:
+  peft      diffusers UNet2DConditionModel with SD1.5's config + peft LoRA (r = alpha = 64, gaussian
+            init as diffusers' train_dreambooth_lora.py) on to_q, to_k, to_v, to_out.0 of every
+            attention (128 Linears), epsilon-MSE loss: the like-for-like baseline of `lora` and `tlora`.
+  lora      this pack's trainer, variant "lora" (plain LoRA), the same 128 attention projections.
+  tlora     this pack's trainer, variant "tlora" (Ortho-LoRA, frozen base copies, rank mask), same layers.
+  tlora_ff  this pack's trainer, T-LoRA on attention + feed-forward Linears (160 Linears): the row to
+            set beside `native`, which cannot be restricted to fewer layers.
+  native    comfy_extras/nodes_train.py TrainLoraNode (algorithm LoRA): an adapter on EVERY weight of 2+
+            dimensions (Linears and convolutions) plus trained diffs on all 1-D weights and biases.
+            Fed a LIST of two latents, as its dataset nodes produce (a single latent batch crashes
+            0.3.75 with UnboundLocalError 'multi_res'); batch_size 1 still trains on one latent per
+            step. training_dtype and lora_dtype fp32 on the CPU (bf16 is ~10x slower there).
+Gradient checkpointing is the same for all (--gradient-checkpointing; TrainLoraNode's own default is
+on, the pack's and diffusers' off). The Ortho-LoRA SVD init is swapped for random factors of the same
 shapes unless --real-init (setup only, never inside a timed step). CLIP and VAE are the tiny test
-ones (tests/support/tiny_model.py; they run once, to encode).
+ones (tests/support/tiny_model.py; they run once, to encode); peft gets latents and text embeddings
+of the same shapes.
 Step time: all trainers in ONE child, interleaved round by round, the first step of every run
 (warm-up) left out; wall time and process CPU time (steadier on a shared machine). Peak memory:
-each trainer alone in a child process, peak RSS above the RSS before training (CUDA: allocator peak).
-Then an estimate of the paper's SD-XL recipe (1024 px, rank 64, 800 steps, batch 1) on one
-A100-class GPU, from FLOPs and saved activations counted on the meta device (see sdxl_estimate).
+each trainer alone in a child process, peak RSS above the RSS once the base model is built (CUDA:
+allocator peak above the allocation then). Then an estimate of the paper's SD-XL recipe (1024 px,
+rank 64, 800 steps, batch 1) on one A100-class GPU, from FLOPs and saved activations counted on the
+meta device (see sdxl_estimate).
 
-    .venv/bin/python benchmarks/train_step.py                  # ~10 min on 2 idle cores
+    .venv/bin/python benchmarks/train_step.py                          # peft, lora, tlora
+    .venv/bin/python benchmarks/train_step.py --trainers native,tlora_ff
     .venv/bin/python benchmarks/train_step.py --gradient-checkpointing on
     .venv/bin/python benchmarks/train_step.py --estimate-only
+Needs benchmarks/requirements.txt (diffusers, peft) for the peft row.
 """
 from __future__ import annotations
 
@@ -116,12 +125,12 @@ def fast_ortho_init():
     init.ortho_factors = random_ortho
 
 
-def run_pack(base, clip, vae, image, variant: str, steps: int, checkpointing: bool, folder: str):
+def run_pack(base, clip, vae, image, variant: str, targets: str, steps: int, checkpointing: bool, folder: str):
     """train_tlora with the paper's settings at rank 64; returns (wall gaps, cpu gaps, adapter bytes)."""
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import train_tlora
     settings = TrainSettings(variant=variant, rank=RANK, min_rank=MIN_RANK, steps=steps, learning_rate=LR,
-                             resolution=image.shape[1], gradient_checkpointing=checkpointing,
+                             resolution=image.shape[1], gradient_checkpointing=checkpointing, targets=targets,
                              training_dtype=train_dtype(), prompt=PROMPT)
     stamps = Stamps()
     result = train_tlora(base, clip, vae, image, None, settings, folder, f"bench/{variant}", progress=stamps)
@@ -129,28 +138,113 @@ def run_pack(base, clip, vae, image, variant: str, steps: int, checkpointing: bo
     return [None] + wall, [None] + cpu, result.tlora.num_values() * 4  # fp32 while training
 
 
-def build(resolution: int, tiny: bool = False):
-    """(base UNet patcher, clip, vae, image, latent, positive conditioning); `tiny`: the test UNet (smoke runs)."""
+# diffusers' UNet2DConditionModel config of SD1.5 (its unet/config.json) and of the tiny test UNet
+SD15_DIFFUSERS = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                      block_out_channels=(320, 640, 1280, 1280),
+                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                      attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True,
+                      freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False)
+TINY_DIFFUSERS = {**SD15_DIFFUSERS, "layers_per_block": 1, "block_out_channels": (320,),
+                  "down_block_types": ("CrossAttnDownBlock2D",), "up_block_types": ("CrossAttnUpBlock2D",)}
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# (layer counts: the full SD1.5 UNet)
+ADAPTS = {"peft": "diffusers + peft LoRA: to_q/k/v/out.0 of every attention (128 Linears)",
+          "lora": "this trainer, plain LoRA: the same attention projections",
+          "tlora": "this trainer, T-LoRA: the same attention projections",
+          "tlora_ff": "this trainer, T-LoRA: attention + feed-forward Linears (160)",
+          "native": "TrainLoraNode LoRA: every weight of 2+ dims (Linear + conv) + diffs on all 1-D tensors"}
+
+
+def build_peft(tiny: bool):
+    """(diffusers UNet with a peft LoRA on the attention projections, its trainable parameters), as
+    diffusers' train_dreambooth_lora.py sets it up: base frozen, LoRA parameters in float32."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    device = common.device_kind()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**(TINY_DIFFUSERS if tiny else SD15_DIFFUSERS))
+    unet.requires_grad_(False)
+    unet.to(device, torch.float32 if device == "cpu" else torch.bfloat16)
+    return unet
+
+
+def run_peft(unet, latent, context, steps: int, checkpointing: bool):
+    """`steps` training steps of a fresh peft LoRA: DDPM noise at a uniform t, epsilon-MSE, AdamW.
+
+    Returns (wall gaps, cpu gaps, adapter bytes); the first gap is the warm-up step.
+    """
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    device = latent.device
+    if "default" in getattr(unet, "peft_config", {}):
+        unet.delete_adapters("default")  # every run starts from a fresh adapter, as ours do
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=PEFT_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    gen = torch.Generator().manual_seed(0)
+    autocast = device.type == "cuda"
+    stamps = Stamps()
+    stamps()
+    for _ in range(steps):
+        noise = torch.randn(latent.shape, generator=gen).to(device, latent.dtype)
+        t = torch.randint(0, 1000, (latent.shape[0],), generator=gen).to(device)
+        noisy = scheduler.add_noise(latent, noise, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            pred = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stamps()
+    adapter = common.nbytes(get_peft_model_state_dict(unet).values())
+    wall, cpu = stamps.gaps()
+    return [None] + wall[1:], [None] + cpu[1:], adapter
+
+
+def build(names, resolution: int, tiny: bool = False) -> dict:
+    """The models the trainers `names` need: ComfyUI's UNet patcher (`base`), the tiny clip and vae, the
+    image, its latent and the prompt's conditioning; the diffusers UNet (`peft`) only for the peft row.
+    `tiny`: the test UNet and a diffusers UNet of the same shape (smoke runs)."""
     from support.tiny_model import build_tiny_sd15
     device = common.device_kind()
     tiny_unet, clip, vae = build_tiny_sd15(dtype=torch.float32)
-    base = tiny_unet if tiny else common.build_sd15_unet(torch.float32 if device == "cpu" else torch.bfloat16)
     image = synthetic_image(resolution)
     with torch.no_grad():
         latent = vae.encode(image).float().clone()
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
-    return base, clip, vae, image, latent, positive
+    parts = dict(clip=clip, vae=vae, image=image, latent=latent, positive=positive, base=None, peft=None)
+    if any(n != "peft" for n in names):
+        parts["base"] = tiny_unet if tiny else common.build_sd15_unet(torch.float32 if device == "cpu"
+                                                                      else torch.bfloat16)
+    if "peft" in names:
+        parts["peft"] = build_peft(tiny)
+    return parts
 
 
 def run_variant(name, parts, steps, checkpointing, folder):
-    base, clip, vae, image, latent, positive = parts
+    p = parts
     if name == "native":
-        return run_native(base, latent, positive, steps, checkpointing)
-    return run_pack(base, clip, vae, image, name, steps, checkpointing, folder)
+        return run_native(p["base"], p["latent"], p["positive"], steps, checkpointing)
+    if name == "peft":
+        dtype = next(p["peft"].parameters()).dtype
+        device = next(p["peft"].parameters()).device
+        context = p["positive"][0][0].to(device, dtype)
+        return run_peft(p["peft"], p["latent"].to(device, dtype), context, steps, checkpointing)
+    variant, targets = ("tlora", "attention+feedforward") if name == "tlora_ff" else (name, "attention")
+    return run_pack(p["base"], p["clip"], p["vae"], p["image"], variant, targets, steps, checkpointing, folder)
 
 
 def memory_worker(name: str, resolution: int, steps: int, checkpointing: bool, tiny: bool) -> dict:
-    parts = build(resolution, tiny)
+    parts = build([name], resolution, tiny)
     memory = common.PeakMemory(common.device_kind()).start()
     with tempfile.TemporaryDirectory() as folder:
         _, _, adapter = run_variant(name, parts, steps, checkpointing, folder)
@@ -158,7 +252,7 @@ def memory_worker(name: str, resolution: int, steps: int, checkpointing: bool, t
 
 
 def timing_worker(names, resolution: int, steps: int, rounds: int, checkpointing: bool, tiny: bool) -> dict:
-    parts = build(resolution, tiny)
+    parts = build(names, resolution, tiny)
     times = {n: {"steps": [], "cpu": []} for n in names}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(rounds):
@@ -265,6 +359,13 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
 
 # ---------------------------------------------------------------- driver
 
+TIME_PAIRS = [("tlora", "peft", "T-LoRA / peft LoRA", "  (goal <= 1.0x)"),
+              ("lora", "peft", "plain LoRA / peft LoRA", "  (goal <= 1.0x)"),
+              ("tlora", "lora", "T-LoRA / plain LoRA", "  (goal <= 1.1x)"),
+              ("tlora_ff", "native", "T-LoRA attn+ff / native", "  (goal <= 0.8x)"),
+              ("tlora", "native", "T-LoRA / native", "")]
+
+
 def report(timing: dict, memory: dict, resolution: int, steps: int, rounds: int, checkpointing: bool, model: str):
     t = timing["times"]
     wall, cpu = common.step_medians(t)
@@ -272,31 +373,31 @@ def report(timing: dict, memory: dict, resolution: int, steps: int, rounds: int,
           f"rank {RANK}, gradient checkpointing {'on' if checkpointing else 'off'}; {rounds} rounds x {steps} "
           f"steps per trainer, interleaved, first step of each run not timed")
     print(f"{'trainer':8} {'wall s/step':>11} {'(min':>6} {'max)':>6} {'CPU s/step':>10} {'n':>3} {'peak MiB':>9} "
-          f"{'adapter MiB':>11}")
+          f"{'adapter MiB':>11}  adapts")
     for v, x in t.items():
         m = memory.get(v, {})
         print(f"{v:8} {wall[v]:11.2f} {min(x['steps']):6.2f} {max(x['steps']):6.2f} {cpu[v]:10.2f} {len(x['steps']):3d} "
-              f"{common.mib(m.get('peak_bytes', 0)):9.1f} {common.mib(m.get('adapter_bytes', 0)):11.1f}")
-    pairs = [("tlora", "native", "T-LoRA / native", "  (goal <= 0.8x)"),
-             ("tlora", "lora", "T-LoRA / plain LoRA", "  (goal <= 1.1x)"), ("lora", "native", "plain LoRA / native", "")]
-    for line in common.ratio_lines(wall, "wall, median", pairs) + common.ratio_lines(cpu, "CPU,  median", pairs):
+              f"{common.mib(m.get('peak_bytes', 0)):9.1f} {common.mib(m.get('adapter_bytes', 0)):11.1f}  {ADAPTS[v]}")
+    for line in (common.ratio_lines(wall, "wall, median", TIME_PAIRS)
+                 + common.ratio_lines(cpu, "CPU,  median", TIME_PAIRS)):
         print(line)
-    if "tlora" in memory and "native" in memory:
-        r = memory["tlora"]["peak_bytes"] / memory["native"]["peak_bytes"]
-        print(f"memory T-LoRA / native peak: {r:.3f}x  (goal <= 1.0x)")
-    if "tlora" in memory and "lora" in memory:
-        print(f"memory T-LoRA / plain LoRA peak: {memory['tlora']['peak_bytes'] / memory['lora']['peak_bytes']:.3f}x")
+    peaks = {v: m["peak_bytes"] for v, m in memory.items()}
+    kind = "allocator peak" if timing["device"] == "cuda" else "peak RSS"
+    for x, y, name, goal in TIME_PAIRS:
+        if x in peaks and y in peaks:
+            print(f"memory ({kind} above the built model) {name + ':':24} {peaks[x] / peaks[y]:.3f}x{goal}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trainers", default="native,lora,tlora")
+    parser.add_argument("--trainers", default="peft,lora,tlora,tlora_ff,native", help=", ".join(ADAPTS))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is a warm-up, not timed)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the trainers")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off")
     parser.add_argument("--estimate-only", action="store_true", help="only the SD-XL estimate (meta device, ~1 min)")
+    parser.add_argument("--no-estimate", action="store_true", help="leave the SD-XL estimate out")
     parser.add_argument("--tiny-unet", action="store_true", help="the 25.8 M test UNet instead (a smoke run)")
     parser.add_argument("--real-init", action="store_true", help="run the Ortho-LoRA SVD init (slow; not timed)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -315,8 +416,11 @@ def main():
         print(common.RESULT_TAG + json.dumps(out), flush=True)
         return
     start = time.perf_counter()
+    unknown = sorted(set(names) - set(ADAPTS))
+    if unknown:
+        raise SystemExit(f"unknown trainers {unknown}: choose from {', '.join(ADAPTS)}")
+    print(common.environment(), flush=True)
     if not args.estimate_only:
-        print(f"load average at start: {common.load_average()}", flush=True)
         flags = ["--trainers", args.trainers, "--resolution", str(args.resolution), "--steps", str(args.steps),
                  "--rounds", str(args.rounds), "--memory-steps", str(args.memory_steps),
                  "--gradient-checkpointing", args.gradient_checkpointing, "--threads", str(args.threads),
@@ -331,7 +435,8 @@ def main():
         report(timing, memory, args.resolution, args.steps, args.rounds, ckpt,
                model + (" fp32" if timing["device"] == "cpu" else " bf16"))
         print(f"load average at end: {common.load_average()}")
-    print("\n" + sdxl_estimate())
+    if not args.no_estimate:
+        print("\n" + sdxl_estimate())
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 
 

@@ -331,13 +331,29 @@ def test_apply_refuses_r_min_outside_1_to_rank(tiny_sd15, tiny_factors, min_rank
     ({"learning_rate": "1e-4"}, "learning_rate"), ({"weight_decay": float("nan")}, "weight_decay"),
     ({"exponent": float("inf")}, "exponent"), ({"batch_size": 0}, "batch_size"), ({"save_every": -1}, "save_every"),
     ({"variant": "dora"}, "variant"), ({"storage": "fp8"}, "storage"),
+    ({"rank": True}, "rank"), ({"min_rank": 2.0}, "min_rank"), ({"trigger": None}, "trigger"),
 ])
 def test_bad_training_settings_are_refused_naming_the_field_and_value(changes, field):
     from tlora_pack.trainer.settings import TrainSettings
 
     with pytest.raises(TLoraConfigError) as err:
         TrainSettings(**changes)
-    assert str(err.value).startswith(f"{field} = {changes[field]!r}"), str(err.value)
+    if set(changes) <= set(TLoraConfig.__dataclass_fields__):  # the T-LoRA's own settings: one check, one message
+        with pytest.raises(TLoraConfigError) as same:
+            TLoraConfig(**changes)
+        assert str(same.value) == str(err.value)
+
+
+def test_training_settings_record_the_run_and_make_the_files_config():
+    from tlora_pack.trainer.settings import TrainSettings
+
+    s = TrainSettings(rank=8, min_rank=3, exponent=2, steps=5, learning_rate=3e-4)
+    config = s.tlora_config(base_model="SD15", source="test")
+    assert type(config) is TLoraConfig and (config.rank, config.min_rank, config.exponent) == (8, 3, 2.0)
+    assert (config.base_model, config.source, config.trigger, config.class_word) == ("SD15", "test", "sks", "dog")
+    assert config.training == s.record() and config.training["learning_rate"] == 3e-4
+    assert not {"base_model", "source", "training"} & set(config.training)
+    assert TLoraConfig.from_json(config.to_json()) == config
 
 
 def test_a_rank_larger_than_a_layer_allows_is_refused_before_anything_is_written(tiny_sd15, tmp_path):

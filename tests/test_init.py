@@ -1,4 +1,4 @@
-"""Initial factors: Ortho-LoRA (paper Sec. 4.2) and the vanilla LoRA init.
+"""Initial factors: Ortho-LoRA (paper Sec. 3.3) and the vanilla LoRA init.
 
 The Gaussian R is rebuilt here from the documented seeding (per-layer seed = run seed * 1_000_003 +
 crc32(layer key), mod 2**63 - 1; CPU torch.Generator; randn float64 of shape [out, in], divided by r),

@@ -1,9 +1,9 @@
-"""Rank schedule r(t) (paper Eq. 5), its prefix masks, and sigma -> t conversions.
+"""Rank schedule r(t) (paper Sec. 3.2, unnumbered), its prefix masks, and sigma -> t conversions.
 
 Expected values are written by hand or computed here from the paper's formula with exact rational
 arithmetic (fractions.Fraction), never by calling the schedule code a second time.
 
-Paper (Eq. 5), T = 1000:   r(t) = floor((r - r_min) * (T - t) / T) + r_min
+Paper (Sec. 3.2), T = 1000:   r(t) = floor((r - r_min) * (T - t) / T) + r_min
 Reference SD-XL code:      int(((T - t) / T) ** alpha * (rank - min_rank)) + min_rank
 In the reference's trainer t is a 0-d int64 tensor, so ((T - t) / T) is evaluated in float32; in its
 pipeline t is a float32 scheduler timestep. In plain Python the same expression runs in float64.
@@ -30,7 +30,7 @@ T = 1000
 
 
 def paper_rank(t: int, rank: int, min_rank: int) -> int:
-    """Eq. 5 with exact rational arithmetic (exponent 1)."""
+    """r(t) of Sec. 3.2 with exact rational arithmetic (exponent 1)."""
     return math.floor(Fraction(rank - min_rank) * Fraction(T - t, T)) + min_rank
 
 

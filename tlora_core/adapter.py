@@ -3,9 +3,9 @@
 A layer's update at timestep t is
     dW(t) = B · diag(S ⊙ m_t) · A  -  B0 · diag(S0 ⊙ m_t) · A0          (Eq. 6)
 with A = `down` [r, in], B = `up` [out, r], S = `scale` [r] (ones when absent), m_t the prefix mask of
-Eq. 5, and A0, B0, S0 the frozen initial factors (absent for the non-orthogonal variants, whose up
-factor starts at zero). The base weight W is never modified: the update is applied to activations,
-y = W x + strength · dW(t) x: either as a dense dW(t) added to W for a batch that shares one t
+Eq. 3 (keeping r(t) components, Sec. 3.2), and A0, B0, S0 the frozen initial factors (absent for the
+non-orthogonal variants, whose up factor starts at zero; subtracting them is the LoRA trick of Eq. 5).
+The base weight W is never modified: the update is applied to activations, y = W x + strength · dW(t) x: either as a dense dW(t) added to W for a batch that shares one t
 (delta_weight), or on activations (masked_delta, one mask per sample), whichever costs less
 (activations_cheaper). Sampling uses the stacked form (stacked_factors: trained and frozen products
 in one GEMM); training runs them as two passes so that the frozen one needs no gradients. Both are

@@ -22,9 +22,14 @@ ORTHO_INITS = ("last", "middle", "principal")
 TEXT_FIELDS = ("variant", "init", "base_model", "family", "trigger", "class_word", "source")
 
 
-def _whole(value) -> bool:
+def whole_number(value) -> bool:
     """An int that is not a bool (True would pass as rank 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite_number(value) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -34,7 +39,7 @@ class TLoraConfig:
     rank: int = field(default=64, metadata={"help": "number of low-rank components r"})
     min_rank: int = field(default=32, metadata={"help": "r_min: components kept at the highest noise"})
     exponent: float = field(default=1.0, metadata={"help": "bends r(t); 1 is the paper's straight line"})
-    max_timestep: int = field(default=DEFAULT_T, metadata={"help": "T of Eq. 5"})
+    max_timestep: int = field(default=DEFAULT_T, metadata={"help": "T of the schedule r(t), Sec. 3.2"})
     variant: str = field(default="tlora", metadata={"help": "one of " + ", ".join(VARIANTS)})
     init: str = field(default="last", metadata={"help": "ortho init: last | middle | principal"})
     base_model: str = field(default="", metadata={"help": "ComfyUI config class trained on, e.g. SD15, SDXL, Flux"})
@@ -47,36 +52,39 @@ class TLoraConfig:
         "help": "layer key -> [module path, row offset, rows, all rows] for adapters on a slice of a fused "
                 "weight (one projection of Flux's qkv, say); whole-weight layers are not listed"})
 
+    def refuse(self, name: str, why: str):
+        """Raise the settings error for one field: its name and value first, then what to do."""
+        raise TLoraConfigError(f"{name} = {getattr(self, name)!r}: {why}")
+
     def __post_init__(self):
+        bad = self.refuse
         for name in TEXT_FIELDS:
             if not isinstance(getattr(self, name), str):
-                raise TLoraConfigError(f"{name} must be text, got {getattr(self, name)!r}.")
+                bad(name, "must be text.")
         if not isinstance(self.training, dict):
-            raise TLoraConfigError(f"training must be a mapping of settings, got {self.training!r}.")
+            bad("training", "must be a mapping of settings.")
         self._check_fused()
-        if not _whole(self.rank) or self.rank < 1:
-            raise TLoraConfigError(f"rank must be a whole number >= 1, got {self.rank!r}.")
-        if not _whole(self.min_rank) or not 1 <= self.min_rank <= self.rank:
-            raise TLoraConfigError(
-                f"r_min must be between 1 and rank ({self.rank}), got {self.min_rank!r}. "
-                f"Use r_min = rank // 2 (the paper's default) or lower it for more diversity.")
-        if not (isinstance(self.exponent, (int, float)) and not isinstance(self.exponent, bool)
-                and math.isfinite(self.exponent) and self.exponent > 0):
-            raise TLoraConfigError(f"schedule exponent must be a finite number > 0, got {self.exponent!r}.")
+        if not whole_number(self.rank) or self.rank < 1:
+            bad("rank", "must be a whole number >= 1.")
+        if not whole_number(self.min_rank) or not 1 <= self.min_rank <= self.rank:
+            bad("min_rank", f"r_min must be a whole number between 1 and rank ({self.rank}). "
+                            f"Use r_min = rank // 2 (the paper's default) or lower it for more diversity.")
+        if not (finite_number(self.exponent) and self.exponent > 0):
+            bad("exponent", "the schedule exponent must be a finite number > 0.")
         self.exponent = float(self.exponent)
-        if not _whole(self.max_timestep) or self.max_timestep < 1:
-            raise TLoraConfigError(f"max_timestep (T) must be a whole number >= 1, got {self.max_timestep!r}.")
+        if not whole_number(self.max_timestep) or self.max_timestep < 1:
+            bad("max_timestep", "T must be a whole number >= 1.")
         if self.variant not in VARIANTS:
-            raise TLoraConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
+            bad("variant", f"choose one of {', '.join(VARIANTS)}.")
         if self.ortho and self.init not in ORTHO_INITS:
-            raise TLoraConfigError(f"unknown init {self.init!r}; choose one of {', '.join(ORTHO_INITS)}.")
+            bad("init", f"choose one of {', '.join(ORTHO_INITS)}.")
 
     def _check_fused(self):
         if not isinstance(self.fused, dict):
             raise TLoraConfigError(f"fused must be a mapping of layer keys, got {self.fused!r}.")
         for key, value in self.fused.items():
             ok = (isinstance(key, str) and isinstance(value, (list, tuple)) and len(value) == 4
-                  and isinstance(value[0], str) and all(_whole(v) for v in value[1:]))
+                  and isinstance(value[0], str) and all(whole_number(v) for v in value[1:]))
             if not ok or not (0 <= value[1] and 1 <= value[2] and value[1] + value[2] <= value[3]):
                 raise TLoraConfigError(f"fused entry {key!r} = {value!r} is not [module path, row offset, rows, "
                                        f"all rows] with the rows inside the weight.")
@@ -84,7 +92,8 @@ class TLoraConfig:
 
     @property
     def ortho(self) -> bool:
-        """True when the factors start orthogonal and the frozen initial product is subtracted (Eq. 6)."""
+        """True when the factors start orthogonal and the frozen initial product is subtracted (Eq. 5, Sec. 3.3;
+        with the mask, Eq. 6)."""
         return VARIANTS[self.variant][0]
 
     @property

@@ -68,7 +68,7 @@ class ExportReport:
 
 
 def mask_at(tlora: TLora, timestep: float) -> torch.Tensor:
-    """The (r,) prefix mask of Eq. 5 at timestep t, under the T-LoRA's own schedule settings."""
+    """The (r,) prefix mask M_t of Eq. 3 at timestep t, under the T-LoRA's own schedule settings."""
     c = tlora.config
     keep = rank_at(timestep, c.rank, c.schedule_min_rank, c.exponent, c.max_timestep)
     return prefix_masks([keep], c.rank)[0]

@@ -1,10 +1,10 @@
-"""Initial factors: Ortho-LoRA (paper Sec. 4.2) and the vanilla LoRA init.
+"""Initial factors: Ortho-LoRA (paper Sec. 3.3) and the vanilla LoRA init.
 
 Ortho-LoRA takes a random Gaussian R ~ N(0, (1/r)^2) of shape [out, in], its SVD R = U S V^T, and
 starts from a slice of r singular triplets: A = V^T[sel], B = U[:, sel], S = S[sel]. The paper's
 choice is the LAST r (smallest singular values); 'principal' takes the first r, 'middle' the centred
 r. A has orthonormal rows and B orthonormal columns. The frozen copies A0, B0, S0 make dW = 0 at
-step 0 for every t (Eq. 6).
+step 0 (the LoRA trick of Eq. 5), masked or not, for every t (Eq. 6).
 
 Randomness is drawn on the CPU from a generator seeded per layer, so a seed gives the same factors
 whatever device trains afterwards.

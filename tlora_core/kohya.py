@@ -15,7 +15,7 @@ factors, and train_network.py turns `--scale_weight_norms` off with a warning wh
 How the timestep reaches the adapters, with sd-scripts left untouched: a forward pre-hook on the UNet reads its
 timestep argument (2nd positional, or `timestep=` for SD1.x/2.x, `timesteps=` for SD-XL and Flux), scales it to
 the paper's t (Flux gets sigma = timesteps / 1000, so t = 1000 sigma), turns it into one prefix mask per batch
-row (Eq. 5) and keeps them for that call; a forward hook on every adapted Linear adds
+row (r(t) of Sec. 3.2, M_t of Eq. 3) and keeps them for that call; a forward hook on every adapted Linear adds
 multiplier * dW(t_i) x_i (Eq. 6) row by row. The masks of a grad-enabled call stay in place until the next
 call, so gradient checkpointing recomputes with the same masks; a no-grad call in between (sd-scripts'
 differential output preservation, sample images) puts the previous masks back when it ends.
@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -45,8 +44,8 @@ from .config import TLoraConfig
 from .errors import TLoraConfigError, TLoraError, TLoraFormatError
 from .families import PAPER, Family, family_for, find_sites
 from .format import TLora, load_tlora, parse_tlora, read_safetensors, save_tlora
+from .hooks import CallMasks, add_delta
 from .init import init_factors
-from .schedule import prefix_masks, ranks_for_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -221,27 +220,6 @@ def timesteps_of_call(args: tuple, kwargs: dict, where: TimestepArg = UNET_TIMES
     return t
 
 
-def add_to_rows(output: torch.Tensor, delta: torch.Tensor, rows: Optional[tuple[int, int]]) -> torch.Tensor:
-    """output + delta, or, for one projection of a fused weight, delta added to its (offset, size) outputs."""
-    if rows is None:
-        return output + delta
-    out = output.clone()  # never in place: autograd may hold the Linear's output
-    out[..., rows[0]:rows[0] + rows[1]] += delta
-    return out
-
-
-@dataclass
-class CallMasks:
-    """Masks of the UNet call in progress: one prefix mask row per sample."""
-
-    ranks: list[int]
-    masks: torch.Tensor  # (batch, rank)
-
-    @property
-    def active(self) -> int:
-        return max(self.ranks)
-
-
 class TLoraAdapter(nn.Module):
     """Factors of one adapted Linear: trainable down / up / scale parameters, frozen base_* buffers."""
 
@@ -292,6 +270,7 @@ class TLoraNetwork(nn.Module):
         self._handles: list = []
         self.current: Optional[CallMasks] = None
         self._saved_current: list = []
+        self.full_rank = CallMasks([config.rank], torch.ones(1, config.rank))
 
     # --- hooks ---------------------------------------------------------------------------------
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True):
@@ -319,9 +298,8 @@ class TLoraNetwork(nn.Module):
         self._saved_current.append((torch.is_grad_enabled(), self.current))
         t = timesteps_of_call(args, kwargs, self.timestep_arg)
         c = self.config
-        ranks = ranks_for_timesteps(t, c.rank, c.schedule_min_rank, c.exponent, c.max_timestep)
         device = (args[0] if args else t).device
-        self.current = CallMasks(ranks, prefix_masks(ranks, c.rank, device=device))
+        self.current = CallMasks.for_timesteps(t, c.rank, c.schedule_min_rank, c.exponent, c.max_timestep, device)
 
     def _after_unet_call(self, module, args, output):
         grad_enabled, previous = self._saved_current.pop() if self._saved_current else (True, None)
@@ -332,22 +310,19 @@ class TLoraNetwork(nn.Module):
     def _layer_hook(self, adapter: TLoraAdapter):
         rows = self._targets[adapter.lora_name].rows
 
+        def delta(x, masks, active):
+            return masked_delta(x, adapter.factors(), masks, active)
+
         def hook(module, args, output):
             if self.multiplier == 0:
                 return None
             call = self.current
-            if call is None and self.config.masked:
-                raise TLoraError(f"T-LoRA layer {adapter.lora_name} ran outside a UNet call, so t is unknown; "
-                                 f"call the UNet the network was applied to.")
-            x = args[0]
-            masks, active = (None, None) if call is None or not self.config.masked else (call.masks, call.active)
-            if masks is not None and x.shape[0] != masks.shape[0]:
-                if x.shape[0] % masks.shape[0]:
-                    raise TLoraError(f"T-LoRA layer {adapter.lora_name}: {x.shape[0]} rows cannot be matched "
-                                     f"to {masks.shape[0]} timesteps.")
-                masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
-            delta = masked_delta(x, adapter.factors(), None if masks is None else masks.to(x.device), active)
-            return add_to_rows(output, (delta * self.multiplier).to(output.dtype), rows)
+            if call is None:
+                if self.config.masked:
+                    raise TLoraError(f"T-LoRA layer {adapter.lora_name} ran outside a UNet call, so t is unknown; "
+                                     f"call the UNet the network was applied to.")
+                call = self.full_rank  # an unmasked variant needs no t
+            return add_delta(output, args[0], call, self.multiplier, delta, adapter.lora_name, rows)
         return hook
 
     # --- what train_network.py calls -------------------------------------------------------------
@@ -441,8 +416,9 @@ class TLoraNetwork(nn.Module):
     def delta_weights(self, t: float) -> dict[str, torch.Tensor]:
         """Dense dW(t) per layer (float32), for checks and exports."""
         c = self.config
-        ranks = ranks_for_timesteps(torch.tensor([float(t)]), c.rank, c.schedule_min_rank, c.exponent, c.max_timestep)
-        mask = prefix_masks(ranks, c.rank)[0]
+        call = CallMasks.for_timesteps(torch.tensor([float(t)]), c.rank, c.schedule_min_rank, c.exponent,
+                                       c.max_timestep)
+        mask = call.masks[0]
         return {name: delta_weight(a.factors(), mask).detach() for name, a in self.layers.items()}
 
 

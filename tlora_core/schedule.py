@@ -1,7 +1,8 @@
-"""Timestep-dependent rank schedule of T-LoRA (paper Eq. 5) and sigma -> t conversions.
+"""Timestep-dependent rank schedule of T-LoRA (paper Sec. 3.2, an unnumbered line) and sigma -> t conversions.
 
 r(t) = floor((r - r_min) * ((T - t) / T) ** exponent) + r_min, with T = 1000.
-t = 0 (no noise) keeps the full rank r, t -> T keeps r_min. The mask keeps the FIRST r(t) components.
+t = 0 (no noise) keeps the full rank r, t -> T keeps r_min. The mask M_t of Eq. 3 keeps the FIRST r(t)
+components.
 exponent = 1 is the paper; other values bend the line as the reference code's `alpha_rank_scale`.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ DEFAULT_T = 1000
 
 
 def rank_at(t: float, rank: int, min_rank: int, exponent: float = 1.0, T: int = DEFAULT_T) -> int:
-    """r(t) of Eq. 5 for one timestep t (clamped into [0, T])."""
+    """r(t) of Sec. 3.2 for one timestep t (clamped into [0, T])."""
     t = min(max(float(t), 0.0), float(T))
     span = rank - min_rank
     if exponent == 1.0:
@@ -30,7 +31,7 @@ def ranks_for_timesteps(t: torch.Tensor, rank: int, min_rank: int, exponent: flo
 
 
 def prefix_masks(ranks: list[int], rank: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """M_t of Eq. 5 as a (batch, rank) matrix: row i holds ranks[i] ones followed by zeros."""
+    """M_t of Eq. 3 as a (batch, rank) matrix: row i holds ranks[i] ones followed by zeros."""
     cols = torch.arange(rank, device=device)
     limits = torch.tensor(ranks, device=device).unsqueeze(1)
     return (cols.unsqueeze(0) < limits).to(dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -71,7 +71,6 @@ class LoopHooks:
     should_save: Callable[[int], bool]
     save: Callable[[int], None]
     start_step: int = 0
-    losses: list = field(default_factory=list)
 
 
 class TrainSampler(comfy.samplers.Sampler):

@@ -1,7 +1,7 @@
 """Applies a T-LoRA to a ComfyUI ModelPatcher so that the rank mask follows every model call's sigma.
 
 How it enters ComfyUI (each with its undo, under a key of its own so several T-LoRAs stack):
-- an APPLY_MODEL wrapper reads the sigmas of the call, turns them into t and r(t) (Eq. 5) and keeps
+- an APPLY_MODEL wrapper reads the sigmas of the call, turns them into t and r(t) (Sec. 3.2) and keeps
   the masks for the duration of that call;
 - a PatcherInjection adds, on inject, two hooks to every adapted Linear and removes them on eject:
   * a `weight_function` (ComfyUI's per-forward weight hook, also used by its low-VRAM patches) that
@@ -30,7 +30,7 @@ from ..tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weigh
 from ..tlora_core.errors import TLoraError
 from ..tlora_core.families import family_for
 from ..tlora_core.format import TLora
-from ..tlora_core.schedule import prefix_masks, ranks_for_timesteps
+from ..tlora_core.hooks import CallMasks, add_delta
 from .timesteps import timesteps_from_sigmas
 
 KEY_PREFIX = "comfyui-tlora"
@@ -43,16 +43,6 @@ class Target:
     layer_key: str
     module_path: str  # path below the BaseModel, e.g. "diffusion_model.input_blocks.1.1....to_q"
     rows: Optional[tuple[int, int]] = None  # (offset, size) along the output dimension
-
-
-class CallMasks:
-    """The masks of the model call in progress (read by every adapted layer, so worked out once)."""
-
-    def __init__(self, ranks: list[int], masks: torch.Tensor):
-        self.ranks = ranks
-        self.masks = masks  # (batch, r) on the call's device
-        self.uniform = len(set(ranks)) == 1  # every row shares one t
-        self.active = max(ranks)  # components any row keeps (prefix masks)
 
 
 @dataclass
@@ -197,34 +187,21 @@ class AdaptedLayer:
         new = new.to(weight.dtype)
         return new if self.target.rows is None else torch.cat([weight[:offset], new, weight[offset + size:]])
 
+    def delta(self, x: torch.Tensor, masks: Optional[torch.Tensor], k: int) -> torch.Tensor:
+        """dW(t) x of the first k components (masks: per row, or None when all rows keep them)."""
+        dtype = compute_dtype(x)
+        if self.trained:
+            return masked_delta(x.to(dtype), self.factors.to(device=x.device), masks, active=k)
+        left, right = self.stacked(x.device, dtype, k)
+        return stacked_delta(x.to(dtype), left, right, self.width, masks)
+
     def forward_hook(self, module, args, output):
-        x = args[0]
         on_weight, self.on_weight = self.on_weight, False
         call = self.runtime.current
         if call is None or on_weight or self.runtime.strength == 0:
             return None
-        masks = None  # one t for every row: the first `active` components, all kept
-        if not call.uniform:
-            masks = call.masks
-            if x.shape[0] != masks.shape[0]:
-                if x.shape[0] % masks.shape[0]:
-                    raise TLoraError(f"T-LoRA layer {self.target.layer_key}: batch of {x.shape[0]} rows cannot be "
-                                     f"matched to {masks.shape[0]} sigmas.")
-                masks = masks.repeat_interleave(x.shape[0] // masks.shape[0], dim=0)
-            masks = masks[:, :call.active].to(x.device)
-        dtype, k = compute_dtype(x), call.active
-        if self.trained:
-            delta = masked_delta(x.to(dtype), self.factors.to(device=x.device), masks, active=k)
-        else:
-            left, right = self.stacked(x.device, dtype, k)
-            delta = stacked_delta(x.to(dtype), left, right, self.width, masks)
-        delta = delta * self.runtime.strength
-        if self.target.rows is None:
-            return output + delta.to(output.dtype)
-        offset, size = self.target.rows
-        out = output.clone()
-        out[..., offset:offset + size] += delta.to(output.dtype)
-        return out
+        return add_delta(output, args[0], call, self.runtime.strength, self.delta, self.target.layer_key,
+                         self.target.rows)
 
 
 class TLoraRuntime:
@@ -239,8 +216,7 @@ class TLoraRuntime:
 
     def masks_for(self, t: torch.Tensor, device) -> CallMasks:
         s = self.schedule
-        ranks = ranks_for_timesteps(t, s.rank, s.min_rank, s.exponent, s.max_timestep)
-        return CallMasks(ranks, prefix_masks(ranks, s.rank, device=device))
+        return CallMasks.for_timesteps(t, s.rank, s.min_rank, s.exponent, s.max_timestep, device)
 
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
         """APPLY_MODEL wrapper: t here is the sigma batch of this call."""

@@ -268,12 +268,9 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
     family = model_family(model.model)
     pixels, weights = prepare_images(image, mask, settings.resolution, family.recipe.resolution)
     sites = find_target_layers(model.model, settings.targets) if resume is None else None
-    config = TLoraConfig(rank=settings.rank, min_rank=settings.min_rank, exponent=settings.exponent,
-                         variant=settings.variant, init=settings.init,
-                         base_model=type(model.model.model_config).__name__, family=family.name,
-                         trigger=settings.trigger, class_word=settings.class_word, source="comfyui-tlora trainer",
-                         training=settings.record(),
-                         fused=fused_record(model.model, sites) if sites is not None else resume.config.fused)
+    config = settings.tlora_config(
+        base_model=type(model.model.model_config).__name__, family=family.name, source="comfyui-tlora trainer",
+        fused=fused_record(model.model, sites) if sites is not None else resume.config.fused)
     start = check_resume(resume, config, settings) if resume is not None else 0
     next_free_path(output_folder, prefix)  # refuse a bad file name before training, not after
     saved: list[Path] = []

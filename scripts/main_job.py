@@ -3,8 +3,9 @@
 Runs workflows/api/train_and_sample.api.json, the API twin of the "train_and_sample" template, on a
 ComfyUI server started on 127.0.0.1 for this run only, and stops it at the end. Everything the run
 reads and writes lives under --out (default out/main_job): custom_nodes/comfyui-tlora (a link to this
-pack), models/checkpoints and input (links to your files), models/loras (the T-LoRA), output (the
-samples and the loss curve), and comfyui.log. Your ComfyUI tree itself is never modified.
+pack), models/checkpoints (a link to your checkpoint), input (a copy of your image: ComfyUI refuses
+input files that lead outside input/), models/loras (the T-LoRA), output (the samples and the loss
+curve), and comfyui.log. Your ComfyUI tree itself is never modified.
 
 Without --checkpoint it uses a small random-weight SD1.5-shaped model (tests/support/tiny_model.py)
 and small settings, so the whole path runs in a few minutes on a CPU; the pictures are noise-like by
@@ -27,7 +28,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from support.comfy_server import HOST, PACK_DIR_NAME, ComfyServer, ComfyServerError  # noqa: E402
+from support.comfy_server import HOST, PACK_DIR_NAME, ComfyServer, ComfyServerError, copy_input  # noqa: E402
 from support.workflow_format import find_node  # noqa: E402
 
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "train_and_sample.api.json"
@@ -114,8 +115,7 @@ def prepare_run_folder(args, comfyui: Path) -> tuple[str, str]:
             subprocess.run([args.python, str(REPO_ROOT / "tests" / "support" / "tiny_model.py"), str(path)],
                            check=True, env=env, stdout=subprocess.DEVNULL)
     if args.image is not None:
-        _link(args.image, base / "input" / args.image.name)
-        return ckpt, args.image.name
+        return ckpt, copy_input(args.image, base / "input")
     path = base / "input" / SAMPLE_IMAGE
     if not path.is_file():
         from support.tiny_model import make_sample_image

@@ -46,16 +46,18 @@ def prepare_base_dir(base: Path, pack_dir: Path, checkpoints=(), input_files=())
     return base
 
 
-def copy_input(src: Path, input_dir: Path) -> str:
-    """Copy `src` into ComfyUI's input folder; returns the name LoadImage knows it by.
+def copy_input(src: Path, input_dir: Path, name: str | None = None) -> str:
+    """Copy `src` into ComfyUI's input folder as `name` (default: its own); returns the name LoadImage
+    knows it by.
 
     Copied, never linked: ComfyUI (0.33 on) refuses input files that resolve outside input/. A file of
     that name already there is kept: the same bytes are reused, different ones get the next free name
     "<stem> (1)<suffix>", ... as ComfyUI's own upload does. A link there (left by an older run) is replaced.
     """
-    data = Path(src).read_bytes()
+    src, wanted = Path(src), Path(name or Path(src).name)
+    data = src.read_bytes()
     for i in range(10_000):
-        name = src.name if i == 0 else f"{src.stem} ({i}){src.suffix}"
+        name = wanted.name if i == 0 else f"{wanted.stem} ({i}){wanted.suffix}"
         dst = input_dir / name
         if dst.is_symlink():
             dst.unlink()
@@ -65,7 +67,7 @@ def copy_input(src: Path, input_dir: Path) -> str:
             return name
         if dst.is_file() and dst.read_bytes() == data:
             return name
-    raise FileExistsError(f"{input_dir} holds 10000 different files named like {src.name}; clear some out")
+    raise FileExistsError(f"{input_dir} holds 10000 different files named like {wanted.name}; clear some out")
 
 
 class ComfyServer:

@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--comfyui", type=Path, help="an existing ComfyUI source tree (default: .deps/ComfyUI, "
                                                 "installed by scripts/setup_env.sh)")
     g.add_argument("--python", default=sys.executable,
-                   help="the Python that runs ComfyUI (default: this one, .venv/bin/python)")
+                   help="the Python that runs ComfyUI (default: this one; main_job.sh picks the venv of the "
+                        "test host whose tree --comfyui names)")
     g.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "main_job", help="run folder (default: %(default)s)")
     g.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU when that Python's torch sees one, else the CPU")
@@ -338,6 +339,9 @@ def main(argv=None) -> int:
         return 130
     except ComfyServerError as e:
         say(f"\nerror: {e}\n(server log: {server.log_path})")
+        if "ModuleNotFoundError" in str(e):
+            say(f"{args.python} lacks a module this ComfyUI needs: give --python the Python your ComfyUI "
+                "runs with (its venv), or install the tree's requirements.txt into it")
         return 1
     finally:
         server.stop()

@@ -2,13 +2,13 @@
 
 The page is the one the test server serves (comfyui-frontend-package). The templates browser lists the
 pack's workflows with their pictures and opens one when its card is clicked. Each workflow is fetched
-from the route the templates browser uses and loaded with `app.loadGraphData`, as the browser does, on a server that
-holds the files the workflows name (a user's checkpoint, photo and T-LoRA). Then: every node type is known (no
-missing-nodes dialog, no placeholder nodes, no node marked for a missing file), every widget holds a valid value, the
-front end re-serialises the same widgets and links, the API prompt it would queue is the committed API
-twin, nodes are not drawn smaller than their content, and nothing is logged as an error. A screenshot of
-each workflow goes to artifacts/frontend/<name>.png, of the templates browser to
-artifacts/frontend/templates_browser.png.
+from the route the templates browser uses and loaded with `app.loadGraphData`, as the browser does, on a
+server that holds the files the workflows name (a user's checkpoint, photo and T-LoRA). Then: every node
+type is known (no missing-nodes dialog, no placeholder nodes, no node marked for a missing file), every
+widget holds a valid value (file choices included), the front end re-serialises the same widgets and
+links, the API prompt it would queue is the committed API twin, nodes are not drawn smaller than their
+content, and nothing is logged as an error. A screenshot of each workflow goes to
+artifacts/frontend/<name>.png, of the templates browser to artifacts/frontend/templates_browser.png.
 
 Skipped only when no Chromium (with its chromedriver) is installed:
 `apt-get install -y chromium chromium-driver` (scripts/setup_env.sh does it where it can).
@@ -50,7 +50,8 @@ def _users_files(server, checkpoint: Path, image: Path, tlora: Path):
                 if node["class_type"] == node_type:
                     dst = server.base_dir / folder / node["inputs"][widget]
                     if folder == "input":
-                        assert copy_input(content[folder], dst.parent, dst.name) == dst.name, f"{dst} holds another file"
+                        copied = copy_input(content[folder], dst.parent, dst.name)
+                        assert copied == dst.name, f"{dst} holds another file"
                     elif not dst.exists():
                         dst.parent.mkdir(parents=True, exist_ok=True)
                         dst.symlink_to(content[folder].resolve())
@@ -76,7 +77,8 @@ def front_end(request, tmp_path_factory):
     if why_not:
         pytest.skip(why_not)
     comfy_server = request.getfixturevalue("comfy_server")  # started only when there is a browser
-    tlora = _untrained_tlora(request.getfixturevalue("tiny_sd15")[0], tmp_path_factory.mktemp("tlora") / "t.safetensors")
+    tlora = _untrained_tlora(request.getfixturevalue("tiny_sd15")[0],
+                             tmp_path_factory.mktemp("tlora") / "t.safetensors")
     _users_files(comfy_server, request.getfixturevalue("tiny_sd15_checkpoint"),
                  request.getfixturevalue("sample_image"), tlora)
     fe = FrontEnd(browser, driver)

@@ -192,7 +192,8 @@ def run_checks(dynamic: bool, workdir: Path) -> Checks:
     key = next(iter(tlora.layers))
     weight = base_state[key.removeprefix("diffusion_model.") + ".weight"]
     gen = torch.Generator().manual_seed(5)
-    up, down = 0.05 * torch.randn(weight.shape[0], 2, generator=gen), 0.05 * torch.randn(2, weight.shape[1], generator=gen)
+    up = 0.05 * torch.randn(weight.shape[0], 2, generator=gen)
+    down = 0.05 * torch.randn(2, weight.shape[1], generator=gen)
     lora = {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down, f"{key}.alpha": torch.tensor(2.0)}
     both, _ = apply_tlora(comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)[0], tlora, 1.0)
     t = 300
@@ -215,8 +216,8 @@ def run_checks(dynamic: bool, workdir: Path) -> Checks:
     plain = train_tlora(plain_patcher, clip, vae, image, None, settings, str(workdir / "loras"), "t/plain")
     mm.unload_all_models()
     same = all(abs(a - b) <= TOLERANCE * max(abs(b), 1e-6) for a, b in zip(trained.losses, plain.losses))
-    checks.expect(same and len(trained.losses) == 3,
-                  f"training losses {['%.6f' % v for v in trained.losses]} == plain {['%.6f' % v for v in plain.losses]}")
+    shown = [[f"{v:.6f}" for v in run.losses] for run in (trained, plain)]
+    checks.expect(same and len(trained.losses) == 3, f"training losses {shown[0]} == plain {shown[1]}")
     t = 600
     got = predict_x0(apply_tlora(patcher, trained.tlora, 1.0)[0], positive, x, float(sigmas[t]))
     want = predict_x0(dense_reference(base_state, {k: dense_delta(f, paper_rank(t, 4, 2))

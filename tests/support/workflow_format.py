@@ -9,9 +9,9 @@ Two formats describe the same graph:
 - API format (what POST /prompt takes): {node_id: {"class_type", "inputs": {name: value | [src_id, slot]},
   "_meta": {"title"}}}. Front-end-only nodes (Note, MarkdownNote) are left out.
 
-The widget order is the front end's (comfyui-frontend-package 1.32, the one ComfyUI 0.3.75 pins):
-the widget inputs in `input_order` (required, then optional); an INT named seed / noise_seed (or with
-`control_after_generate`) is followed by its "control after generate" value; a COMBO with
+The widget order is the front end's (comfyui-frontend-package 1.32 and 1.49, which ComfyUI 0.3.75 and
+0.33.0 pin): the widget inputs in `input_order` (required, then optional); an INT named seed / noise_seed
+(or with `control_after_generate`) is followed by its "control after generate" value; a COMBO with
 `image_upload` is followed by the upload button's value "image". Which input is a widget and which a
 socket is read from the server's /object_info, never guessed from the name.
 """

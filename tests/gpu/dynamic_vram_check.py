@@ -36,8 +36,9 @@ TOLERANCE = 1e-3  # relative; GPU kernels (attention, convolutions) differ betwe
 RANK, MIN_RANK = 8, 4
 
 
-def start_comfy(comfyui: Path, on_cpu: bool):
-    """Import ComfyUI with dynamic VRAM on (GPU) or on the CPU; returns whether dynamic VRAM is on."""
+def start_comfy(comfyui: Path, on_cpu: bool) -> str:
+    """Import ComfyUI on the CPU ("cpu") or with dynamic VRAM on, in main.py's order ("dynamic"); "no cuda"
+    or "dynamic vram off" when it cannot start here."""
     sys.path[:0] = [str(comfyui), str(TESTS_DIR)]
     import comfy.options  # noqa: F401  (args_parsing stays False: cli_args parses [])
     from comfy.cli_args import args, enables_dynamic_vram
@@ -45,14 +46,17 @@ def start_comfy(comfyui: Path, on_cpu: bool):
     args.cpu = on_cpu
     args.use_pytorch_cross_attention = True
     if on_cpu:
-        return False
+        return "cpu"
     import comfy_aimdo.control
     if not enables_dynamic_vram():
-        return False
-    try:  # main.py: before torch allocates anything
+        return "dynamic vram off"
+    try:  # as main.py: before torch is imported
         comfy_aimdo.control.init(simple_vram_headroom=None, nvml_pressure=not args.disable_nvml_pressure)
     except TypeError:
         comfy_aimdo.control.init()
+    import torch
+    if not torch.cuda.is_available():
+        return "no cuda"
     import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -62,10 +66,10 @@ def start_comfy(comfyui: Path, on_cpu: bool):
     except TypeError:
         ready = comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
     if not ready:
-        return False
+        return "dynamic vram off"
     comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
     comfy.memory_management.aimdo_enabled = True
-    return True
+    return "dynamic"
 
 
 def relative(a, b) -> float:
@@ -233,18 +237,17 @@ def main(argv=None) -> int:
                         help="run the checks with the plain ModelPatcher on the CPU (tests this script)")
     cli = parser.parse_args(argv)
     comfyui = Path(os.environ.get("TLORA_COMFYUI_DIR") or REPO_ROOT / ".deps" / "ComfyUI").resolve()
-    if not cli.cpu_dry_run:
-        import torch
-        if not torch.cuda.is_available():
-            print("not applicable: no CUDA device")
-            return NOT_APPLICABLE
-        if not (comfyui / "comfy" / "memory_management.py").is_file():
-            print(f"not applicable: the ComfyUI at {comfyui} has no dynamic VRAM (comfy/memory_management.py)")
-            return NOT_APPLICABLE
-    dynamic = start_comfy(comfyui, on_cpu=cli.cpu_dry_run)
-    if not cli.cpu_dry_run and not dynamic:
-        print("FAIL  dynamic VRAM did not start (comfy-aimdo init_devices failed or it is disabled)")
+    if not cli.cpu_dry_run and not (comfyui / "comfy" / "memory_management.py").is_file():
+        print(f"not applicable: the ComfyUI at {comfyui} has no dynamic VRAM (comfy/memory_management.py)")
+        return NOT_APPLICABLE
+    state = start_comfy(comfyui, on_cpu=cli.cpu_dry_run)
+    if state == "no cuda":
+        print("not applicable: no CUDA device")
+        return NOT_APPLICABLE
+    if state == "dynamic vram off":
+        print("FAIL  dynamic VRAM did not start (comfy-aimdo init_devices failed, or it is disabled)")
         return 1
+    dynamic = state == "dynamic"
     _pack = types.ModuleType("tlora_pack")
     _pack.__path__ = [str(REPO_ROOT)]
     sys.modules.setdefault("tlora_pack", _pack)

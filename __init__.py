@@ -8,4 +8,7 @@ try:
 except ImportError:
     comfy_entrypoint = None
 else:
-    from .nodes import comfy_entrypoint  # noqa: F401
+    if __package__:
+        from .nodes import comfy_entrypoint  # noqa: F401
+    else:  # this file alone, not as a package: pytest imports it so when the checkout's folder name
+        comfy_entrypoint = None  # is no Python identifier (a package-level setup_module lookup)

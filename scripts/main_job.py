@@ -3,8 +3,9 @@
 Runs workflows/api/train_and_sample.api.json, the API twin of the "train_and_sample" template, on a
 ComfyUI server started on 127.0.0.1 for this run only, and stops it at the end. Everything the run
 reads and writes lives under --out (default out/main_job): custom_nodes/comfyui-tlora (a link to this
-pack), models/checkpoints and input (links to your files), models/loras (the T-LoRA), output (the
-samples and the loss curve), and comfyui.log. Your ComfyUI tree itself is never modified.
+pack), models/checkpoints (a link to your checkpoint), input (a copy of your image: ComfyUI refuses
+input files that lead outside input/), models/loras (the T-LoRA), output (the samples and the loss
+curve), and comfyui.log. Your ComfyUI tree itself is never modified.
 
 Without --checkpoint it uses a small random-weight SD1.5-shaped model (tests/support/tiny_model.py)
 and small settings, so the whole path runs in a few minutes on a CPU; the pictures are noise-like by
@@ -27,7 +28,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from support.comfy_server import HOST, PACK_DIR_NAME, ComfyServer, ComfyServerError  # noqa: E402
+from support.comfy_server import HOST, PACK_DIR_NAME, ComfyServer, ComfyServerError, copy_input  # noqa: E402
 from support.workflow_format import find_node  # noqa: E402
 
 WORKFLOW = REPO_ROOT / "workflows" / "api" / "train_and_sample.api.json"
@@ -52,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--comfyui", type=Path, help="an existing ComfyUI source tree (default: .deps/ComfyUI, "
                                                 "installed by scripts/setup_env.sh)")
     g.add_argument("--python", default=sys.executable,
-                   help="the Python that runs ComfyUI (default: this one, .venv/bin/python)")
+                   help="the Python that runs ComfyUI (default: this one; main_job.sh picks the venv of the "
+                        "test host whose tree --comfyui names)")
     g.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "main_job", help="run folder (default: %(default)s)")
     g.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU when that Python's torch sees one, else the CPU")
@@ -114,8 +116,7 @@ def prepare_run_folder(args, comfyui: Path) -> tuple[str, str]:
             subprocess.run([args.python, str(REPO_ROOT / "tests" / "support" / "tiny_model.py"), str(path)],
                            check=True, env=env, stdout=subprocess.DEVNULL)
     if args.image is not None:
-        _link(args.image, base / "input" / args.image.name)
-        return ckpt, args.image.name
+        return ckpt, copy_input(args.image, base / "input")
     path = base / "input" / SAMPLE_IMAGE
     if not path.is_file():
         from support.tiny_model import make_sample_image
@@ -338,6 +339,9 @@ def main(argv=None) -> int:
         return 130
     except ComfyServerError as e:
         say(f"\nerror: {e}\n(server log: {server.log_path})")
+        if "ModuleNotFoundError" in str(e):
+            say(f"{args.python} lacks a module this ComfyUI needs: give --python the Python your ComfyUI "
+                "runs with (its venv), or install the tree's requirements.txt into it")
         return 1
     finally:
         server.stop()

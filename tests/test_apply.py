@@ -1,6 +1,4 @@
 """Apply T-LoRA on a real ComfyUI model: the prediction equals W + strength * dW(t(sigma)) built by hand."""
-import copy
-
 import pytest
 import torch
 
@@ -46,13 +44,23 @@ def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
 
 
 def _reference_patcher(patcher, deltas_by_key):
-    """A separate model whose weights are W + dW, set by hand (no T-LoRA code involved)."""
-    import comfy.model_patcher
-    model = copy.deepcopy(patcher.model)
-    with torch.no_grad():
-        for key, dw in deltas_by_key.items():
-            model.get_submodule(key).weight += dw.to(model.get_submodule(key).weight.dtype)
-    return comfy.model_patcher.ModelPatcher(model, patcher.load_device, patcher.offload_device)
+    """A separate fp32 model that ComfyUI builds from a state dict holding W + dW, W read from
+    `patcher`'s unpatched weights in whatever dtype they are stored (no T-LoRA code involved).
+
+    Built from the weights, not by copying the model object: ComfyUI's model classes are not meant to
+    be deep-copied (0.33's model config answers None for any missing attribute, __setstate__ included).
+    """
+    import comfy.model_management
+    import comfy.sd
+    comfy.model_management.unload_all_models()  # whatever a test loaded patched is put back to W
+    # copies: the new model must share no tensor with the session's model
+    state = {f"model.diffusion_model.{k}": v.to(torch.float32, copy=True)
+             for k, v in patcher.model.diffusion_model.state_dict().items()}
+    for key, dw in deltas_by_key.items():  # key: the module path below the model, "diffusion_model...."
+        state[f"model.{key}.weight"] = state[f"model.{key}.weight"] + dw.float()
+    reference, _, _, _ = comfy.sd.load_state_dict_guess_config(
+        state, output_vae=False, output_clip=False, model_options={"dtype": torch.float32})
+    return reference
 
 
 @pytest.fixture(scope="module")
@@ -278,24 +286,13 @@ def test_ksampler_run_equals_stock_lora_stepped_at_each_steps_rank(setup):
     assert (got - x).norm() / x.norm() < 1e-4
 
 
-def _dense_reference_like(model_patcher, fp32_patcher, deltas):
-    """An fp32 copy of `model_patcher`'s weights (whatever dtype they are stored in) plus dW, built by hand."""
-    import comfy.model_patcher
-    model = copy.deepcopy(fp32_patcher.model)
-    model.load_state_dict({k: v.float() for k, v in model_patcher.model.state_dict().items()})
-    with torch.no_grad():
-        for key, dw in deltas.items():
-            model.get_submodule(key).weight += dw
-    return comfy.model_patcher.ModelPatcher(model, fp32_patcher.load_device, fp32_patcher.offload_device)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fp16_and_bf16_base_weights_give_w_plus_dw_and_stay_unchanged(setup, tiny_sd15_checkpoint, dtype):
     import comfy.sd
     from support.predict import predict_x0
     from tlora_pack.trainer.runtime import apply_tlora
 
-    fp32, positive, x = setup
+    _, positive, x = setup
     low, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_checkpoint), model_options={"dtype": dtype})
     assert low.model.diffusion_model.input_blocks[0][0].weight.dtype == dtype
     tlora = _tlora(low)
@@ -303,7 +300,7 @@ def test_fp16_and_bf16_base_weights_give_w_plus_dw_and_stay_unchanged(setup, tin
     before = predict_x0(low, positive, x, sigma)
     got = predict_x0(apply_tlora(low, tlora, 1.0)[0], positive, x, sigma)
     deltas = {k: _dense_delta(f, _paper_rank(400)) for k, f in tlora.layers.items()}
-    want = predict_x0(_dense_reference_like(low, fp32, deltas), positive, x, sigma)
+    want = predict_x0(_reference_patcher(low, deltas), positive, x, sigma)
     assert (want - before).norm() / before.norm() > 1e-3
     assert (got - want).norm() / want.norm() < 1e-4
     assert torch.equal(predict_x0(low, positive, x, sigma), before), "the unpatched model must be unchanged"

@@ -2,12 +2,13 @@
 
 The page is the one the test server serves (comfyui-frontend-package). The templates browser lists the
 pack's workflows with their pictures and opens one when its card is clicked. Each workflow is fetched
-from the route the templates browser uses and loaded with `app.loadGraphData`, as the browser does. Then: every node
-type is known (no missing-nodes dialog, no placeholder nodes), every widget holds a valid value, the
-front end re-serialises the same widgets and links, the API prompt it would queue is the committed API
-twin, nodes are not drawn smaller than their content, and nothing is logged as an error. A screenshot of
-each workflow goes to artifacts/frontend/<name>.png, of the templates browser to
-artifacts/frontend/templates_browser.png.
+from the route the templates browser uses and loaded with `app.loadGraphData`, as the browser does, on a
+server that holds the files the workflows name (a user's checkpoint, photo and T-LoRA). Then: every node
+type is known (no missing-nodes dialog, no placeholder nodes, no node marked for a missing file), every
+widget holds a valid value (file choices included), the front end re-serialises the same widgets and
+links, the API prompt it would queue is the committed API twin, nodes are not drawn smaller than their
+content, and nothing is logged as an error. A screenshot of each workflow goes to
+artifacts/frontend/<name>.png, of the templates browser to artifacts/frontend/templates_browser.png.
 
 Skipped only when no Chromium (with its chromedriver) is installed:
 `apt-get install -y chromium chromium-driver` (scripts/setup_env.sh does it where it can).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support.comfy_server import PACK_DIR_NAME
+from support.comfy_server import PACK_DIR_NAME, copy_input
 from support.frontend import FrontEnd, find_chromium
 from support.workflow_format import input_specs
 
@@ -28,8 +29,9 @@ WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
 ARTIFACTS = REPO_ROOT / "artifacts" / "frontend"
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
-# Combos whose choices are the user's files: the committed names need not exist on the test server.
-FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("TLoraLoad", "tlora_name")}
+# Combos whose choices are the user's files, and the server folder each lists.
+FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"): "models/checkpoints", ("LoadImage", "image"): "input",
+                ("TLoraLoad", "tlora_name"): "models/loras"}
 # Messages the front end logs about a workflow it could not take as it is.
 BAD_WARNING = re.compile(r"zod|invalid|missing|not found|widget|unknown|failed", re.IGNORECASE)
 # Not about this pack: ComfyUI's own templates (the comfyui-workflow-templates package) are not installed
@@ -37,12 +39,48 @@ BAD_WARNING = re.compile(r"zod|invalid|missing|not found|widget|unknown|failed",
 NOT_OURS = re.compile(r"^Error loading core workflow templates")
 
 
+def _users_files(server, checkpoint: Path, image: Path, tlora: Path):
+    """Put the files the committed workflows name on the server, under those names: the tiny model as
+    the checkpoint, the sample photo (copied into input/), a T-LoRA of the tiny model. A user has them;
+    the current front end (1.49) marks a node whose file the server does not list."""
+    content = {"models/checkpoints": checkpoint, "input": image, "models/loras": tlora}
+    for name in NAMES:
+        for node in json.loads((API_DIR / f"{name}.api.json").read_text("utf-8")).values():
+            for (node_type, widget), folder in FILE_WIDGETS.items():
+                if node["class_type"] == node_type:
+                    dst = server.base_dir / folder / node["inputs"][widget]
+                    if folder == "input":
+                        copied = copy_input(content[folder], dst.parent, dst.name)
+                        assert copied == dst.name, f"{dst} holds another file"
+                    elif not dst.exists():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        dst.symlink_to(content[folder].resolve())
+
+
+def _untrained_tlora(patcher, path: Path) -> Path:
+    """A T-LoRA file for the tiny model (untrained: only its name is shown)."""
+    import torch
+
+    from tlora_pack.tlora_core.config import TLoraConfig
+    from tlora_pack.tlora_core.format import TLora, save_tlora
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import find_target_layers, new_factors
+
+    layers = find_target_layers(patcher.model.diffusion_model, "attention")
+    factors = new_factors(layers, TrainSettings(rank=4, min_rank=2), True, torch.device("cpu"))
+    return save_tlora(TLora(TLoraConfig(rank=4, min_rank=2, base_model="SD15"), factors), path)
+
+
 @pytest.fixture(scope="module")
-def front_end(request):
+def front_end(request, tmp_path_factory):
     browser, driver, why_not = find_chromium()
     if why_not:
         pytest.skip(why_not)
     comfy_server = request.getfixturevalue("comfy_server")  # started only when there is a browser
+    tlora = _untrained_tlora(request.getfixturevalue("tiny_sd15")[0],
+                             tmp_path_factory.mktemp("tlora") / "t.safetensors")
+    _users_files(comfy_server, request.getfixturevalue("tiny_sd15_checkpoint"),
+                 request.getfixturevalue("sample_image"), tlora)
     fe = FrontEnd(browser, driver)
     try:
         fe.open(comfy_server.url)
@@ -65,12 +103,18 @@ def _widget_problems(node: dict) -> list[str]:
                 problems.append(f"{where}: not a finite number")
             elif (w["min"] is not None and w["value"] < w["min"]) or (w["max"] is not None and w["value"] > w["max"]):
                 problems.append(f"{where}: outside [{w['min']}, {w['max']}]")
-        elif w["type"] == "combo" and w["values"] is not None and (node["type"], w["name"]) not in FILE_WIDGETS:
+        elif w["type"] == "combo" and w["values"] is not None:
             if w["value"] not in w["values"]:
                 problems.append(f"{where}: not one of {w['values']}")
         elif w["type"] == "toggle" and not isinstance(w["value"], bool):
             problems.append(f"{where}: not a boolean")
     return problems
+
+
+def _link_rows(links: list) -> list[tuple]:
+    """Links as sorted (id, origin, origin slot, target, target slot, type) rows, node ids as strings
+    (the 1.49 front end keeps node ids as strings where 1.32 kept numbers)."""
+    return sorted((row[0], str(row[1]), row[2], str(row[3]), row[4], row[5]) for row in links)
 
 
 def _bad_entries(log: list[dict]) -> list[str]:
@@ -109,21 +153,22 @@ def test_workflow_loads_in_the_front_end(name, front_end, object_info):
     result = front_end.load_workflow(workflow, name)
     front_end.screenshot(ARTIFACTS / f"{name}.png")
 
-    # Every node type is registered; an unknown type would load as a placeholder with has_errors.
+    # Every node type is registered (an unknown type would load as a placeholder with has_errors), and no
+    # node is marked for a missing file.
     missing = [f"{n['id']}: {n['type']}" for n in result["nodes"] if not n["registered"] or n["has_errors"]]
-    assert not missing, f"missing node types in {name}: {missing}"
+    assert not missing, f"nodes the front end marks in {name}: {missing}"
     assert not result["dialogs"], f"dialogs after loading {name}: {result['dialogs']}"
-    assert sorted((n["id"], n["type"]) for n in result["nodes"]) == sorted(
-        (n["id"], n["type"]) for n in workflow["nodes"])
+    assert sorted((str(n["id"]), n["type"]) for n in result["nodes"]) == sorted(
+        (str(n["id"]), n["type"]) for n in workflow["nodes"])
 
     # Every widget holds a value it accepts.
     problems = [p for n in result["nodes"] for p in _widget_problems(n)]
     assert not problems, "\n".join(problems)
 
     # Re-serialised: the same widget values and links (the front end took every value where it belongs).
-    saved = {n["id"]: n.get("widgets_values") or [] for n in result["serialized"]["nodes"]}
-    assert saved == {n["id"]: n.get("widgets_values") or [] for n in workflow["nodes"]}
-    assert sorted(map(tuple, result["serialized"]["links"])) == sorted(map(tuple, workflow["links"]))
+    saved = {str(n["id"]): n.get("widgets_values") or [] for n in result["serialized"]["nodes"]}
+    assert saved == {str(n["id"]): n.get("widgets_values") or [] for n in workflow["nodes"]}
+    assert _link_rows(result["serialized"]["links"]) == _link_rows(workflow["links"])
 
     # The prompt the Run button would queue is the committed API twin (front-end-only widgets such as
     # Preview as Text's 'preview' are not node inputs and are left out of the comparison).

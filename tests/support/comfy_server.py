@@ -5,6 +5,7 @@ database, its log) lives under one base directory, so the ComfyUI tree itself is
 """
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -30,7 +31,7 @@ def free_port() -> int:
 
 
 def prepare_base_dir(base: Path, pack_dir: Path, checkpoints=(), input_files=()) -> Path:
-    """Lay out a ComfyUI base directory: the pack linked in custom_nodes, models and inputs linked in."""
+    """Lay out a ComfyUI base directory: the pack and the models linked in, the inputs copied in."""
     for sub in ("custom_nodes", "models/checkpoints", "models/loras", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_DIR_NAME
@@ -41,10 +42,32 @@ def prepare_base_dir(base: Path, pack_dir: Path, checkpoints=(), input_files=())
         if not dst.exists():
             dst.symlink_to(Path(src).resolve())
     for src in input_files:
-        dst = base / "input" / Path(src).name
-        if not dst.exists():
-            dst.symlink_to(Path(src).resolve())
+        copy_input(Path(src), base / "input")
     return base
+
+
+def copy_input(src: Path, input_dir: Path, name: str | None = None) -> str:
+    """Copy `src` into ComfyUI's input folder as `name` (default: its own); returns the name LoadImage
+    knows it by.
+
+    Copied, never linked: ComfyUI (0.33 on) refuses input files that resolve outside input/. A file of
+    that name already there is kept: the same bytes are reused, different ones get the next free name
+    "<stem> (1)<suffix>", ... as ComfyUI's own upload does. A link there (left by an older run) is replaced.
+    """
+    src, wanted = Path(src), Path(name or Path(src).name)
+    data = src.read_bytes()
+    for i in range(10_000):
+        name = wanted.name if i == 0 else f"{wanted.stem} ({i}){wanted.suffix}"
+        dst = input_dir / name
+        if dst.is_symlink():
+            dst.unlink()
+        if not dst.exists():
+            input_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            return name
+        if dst.is_file() and dst.read_bytes() == data:
+            return name
+    raise FileExistsError(f"{input_dir} holds 10000 different files named like {wanted.name}; clear some out")
 
 
 class ComfyServer:

@@ -57,6 +57,10 @@ for (const level of ['error', 'warn']) {
   };
 }
 window.addEventListener('error', e => window.__tlora_log.push({level: 'uncaught', text: String(e.message)}));
+// The dialogs a user sees, found by their ARIA role: the front end's own classes changed between
+// versions (PrimeVue '.p-dialog' in 1.32, utility-class markup in 1.49), the role did not.
+window.__tlora_dialogs = () => [...document.querySelectorAll('[role=dialog], [role=alertdialog]')].filter(
+  el => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length));
 window.addEventListener('unhandledrejection',
   e => window.__tlora_log.push({level: 'unhandledrejection', text: String(e.reason && (e.reason.stack || e.reason))}));
 """
@@ -86,10 +90,9 @@ const nodes = window.app.graph.nodes.map(n => ({
 }));
 const serialized = JSON.parse(JSON.stringify(window.app.graph.serialize()));
 const prompt = await window.app.graphToPrompt();
-const visible = el => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
 return {
   nodes, serialized, prompt: JSON.parse(JSON.stringify(prompt.output)),
-  dialogs: [...document.querySelectorAll('.p-dialog')].filter(visible).map(d => d.innerText),
+  dialogs: window.__tlora_dialogs().map(d => d.innerText),
   toasts: [...document.querySelectorAll('.p-toast-message')].filter(t => !toastsBefore.has(t)).map(t => t.innerText),
   log: window.__tlora_log.slice(mark),
   frontend_version: window.__COMFYUI_FRONTEND_VERSION__ || null,
@@ -100,11 +103,12 @@ return {
 
 TEMPLATES_JS = r"""
 const [pack, select] = arguments;
-const dialog = document.querySelector('.p-dialog');
+// The open dialog that lists the pack by name (in a side bar of categories, under EXTENSIONS in 1.49).
+const leaf = d => [...d.querySelectorAll('*')].find(el => el.children.length === 0 && el.textContent.trim() === pack);
+const dialog = window.__tlora_dialogs().find(leaf);
 if (!dialog) return {category: false};
-const category = [...dialog.querySelectorAll('*')].find(
-  el => el.children.length === 0 && el.textContent.trim() === pack);
-if (select && category) category.click();
+const category = leaf(dialog);
+if (select) category.click();
 return {
   category: !!category,
   text: dialog.innerText,
@@ -180,8 +184,9 @@ class FrontEnd:
 
     def close_dialogs(self):
         """Close start-up dialogs (templates browser, release notes) so they do not cover the graph."""
-        self.driver.execute_script(
-            "for (const b of document.querySelectorAll('.p-dialog .p-dialog-close-button')) b.click();")
+        self.driver.execute_script(  # the button a screen reader announces as "Close" / "Close dialog"
+            "for (const d of window.__tlora_dialogs()) for (const b of d.querySelectorAll('button[aria-label]'))"
+            "  if (/^close\\b/i.test(b.getAttribute('aria-label'))) b.click();")
         time.sleep(0.3)
 
     def fetch_json(self, route: str):
@@ -213,7 +218,7 @@ class FrontEnd:
 
         try:  # the card's thumbnail, found from its title; a real mouse click on it
             thumbnail = self.driver.find_element(
-                By.XPATH, f"//*[contains(@class,'p-dialog')]//*[normalize-space(text())='{title}']"
+                By.XPATH, f"//*[@role='dialog']//*[normalize-space(text())='{title}']"
                           f"/ancestor::*[.//img][1]//img")
         except NoSuchElementException:
             raise LookupError(f"no template card titled {title!r} in the open dialog") from None

@@ -9,9 +9,9 @@ Two formats describe the same graph:
 - API format (what POST /prompt takes): {node_id: {"class_type", "inputs": {name: value | [src_id, slot]},
   "_meta": {"title"}}}. Front-end-only nodes (Note, MarkdownNote) are left out.
 
-The widget order is the front end's (comfyui-frontend-package 1.32, the one ComfyUI 0.3.75 pins):
-the widget inputs in `input_order` (required, then optional); an INT named seed / noise_seed (or with
-`control_after_generate`) is followed by its "control after generate" value; a COMBO with
+The widget order is the front end's (comfyui-frontend-package 1.32 and 1.49, which ComfyUI 0.3.75 and
+0.33.0 pin): the widget inputs in `input_order` (required, then optional); an INT named seed / noise_seed
+(or with `control_after_generate`) is followed by its "control after generate" value; a COMBO with
 `image_upload` is followed by the upload button's value "image". Which input is a widget and which a
 socket is read from the server's /object_info, never guessed from the name.
 """
@@ -141,7 +141,8 @@ def _ui_node(node: NodeSpec, object_info: dict) -> dict:
                 values.append(_widget_value(node, s, slot))
         outputs = [{"name": name, "localized_name": name, "type": kind, "links": []}
                    for name, kind in output_specs(object_info, node.type)]
-        size = node.size or _estimate_size(len(sockets), len(outputs), len(values))
+        counted = 0 if object_info[node.type].get("output_node") else len(outputs)  # see _trim_output_node
+        size = node.size or _estimate_size(len(sockets), counted, len(values))
         out = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(size), "flags": {},
                "order": 0, "mode": 0, "inputs": inputs, "outputs": outputs,
                "properties": {"Node name for S&R": node.type}, "widgets_values": values}
@@ -174,6 +175,9 @@ def build_ui(wf: WorkflowSpec, object_info: dict) -> dict:
         dst_node["inputs"][in_slot]["link"] = link_id
         link_rows.append([link_id, src, out_slot, dst, in_slot, kind])
 
+    for ui_node in ui_nodes.values():
+        if ui_node["type"] not in VIRTUAL_NODES and object_info[ui_node["type"]].get("output_node"):
+            _trim_output_node(ui_node)
     _set_execution_order(ui_nodes, link_rows)
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tlora/workflows/{wf.name}")),
@@ -181,6 +185,14 @@ def build_ui(wf: WorkflowSpec, object_info: dict) -> dict:
         "nodes": [ui_nodes[n.id] for n in wf.nodes], "links": link_rows, "groups": wf.groups,
         "config": {}, "extra": {"ds": _fit_view(list(ui_nodes.values()))}, "version": 0.4,
     }
+
+
+def _trim_output_node(ui_node: dict):
+    """Leave out an output node's trailing outputs that nothing links to, so the file is the same
+    whichever host wrote it: ComfyUI 0.33 declares outputs on SaveImage, PreviewImage and PreviewAny
+    that 0.3.75 does not, and both front ends give a loaded node the outputs its schema declares."""
+    while ui_node["outputs"] and not ui_node["outputs"][-1]["links"]:
+        ui_node["outputs"].pop()
 
 
 def _set_execution_order(ui_nodes: dict, link_rows: list):

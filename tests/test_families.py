@@ -113,11 +113,10 @@ def test_training_adapts_each_projection_with_its_own_adapter(trained):
     assert still == dead, f"adapters that received no gradient: {still}"
 
 
+@pytest.mark.parametrize("trained", ["lumina2"], indirect=True)
 def test_grouped_query_qkv_splits_q_k_v_by_heads(trained):
     """Lumina 2's qkv holds 4 query heads and 2 key/value heads of width 24: q 96 rows, k and v 48."""
-    name, _, _, result = trained
-    if name != "lumina2":
-        pytest.skip("grouped-query attention: the tiny Lumina 2 only")
+    _, _, _, result = trained
     fused = result.tlora.config.fused
     assert fused["diffusion_model.layers.0.attention.qkv.q"][1:] == [0, 96, 192]
     assert fused["diffusion_model.layers.0.attention.qkv.k"][1:] == [96, 48, 192]
@@ -173,13 +172,12 @@ def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
     assert (got - want).norm() / want.norm() < 1e-5
 
 
+@pytest.mark.parametrize("trained", ["flux_dev"], indirect=True)
 def test_a_flux_tlora_is_refused_on_another_family(trained):
     from tlora_pack.tlora_core.errors import TLoraError
     from tlora_pack.trainer.runtime import apply_tlora
 
-    name, _, _, result = trained
-    if name != "flux_dev":
-        pytest.skip("one pair is enough: Flux on SD3")
+    _, _, _, result = trained
     other, _ = tf.build("sd35")
     with pytest.raises(TLoraError, match="made for Flux.*SD3"):
         apply_tlora(other, result.tlora)

@@ -1,5 +1,5 @@
-"""Every DiT family: train through the node, Apply = a hand-built dense W + dW(t) per slice, r(t) from
-t = 1000·sigma, save -> load -> export -> ComfyUI's stock LoRA loader, fp8 bases.
+"""Every family (SD-XL and the DiTs): train, Apply = a hand-built dense W + dW(t) per slice with r(t) from
+the paper's t (1000·sigma for flow models), save -> load -> export -> ComfyUI's stock LoRA loader, fp8 bases.
 
 The tiny models are built by ComfyUI itself (support.tiny_families); the reference model is a second
 copy with the same seed whose weights get dW added by hand, row by row for fused projections.
@@ -20,8 +20,18 @@ RANK, MIN_RANK = 4, 1
 # SD3.5 joint block: x q, k, v, proj + context q, k, v = 7, block 0 adds attn2 q, k, v, proj = 4.
 # Lumina 2 / Z-Image: q, k, v, out in each of layers.0, noise_refiner.0, context_refiner.0.
 # Qwen-Image block: to_q, to_k, to_v, to_out.0, add_q/k/v_proj = 7.
-EXPECTED = {"flux_dev": ("Flux", 7 + 2 * 3), "flux_schnell": ("Flux", 7 + 3), "sd35": ("SD3", 2 * 7 + 4),
+# SD-XL (tiny, one level): one transformer block in the input, middle and each of 2 output blocks, 8 each.
+EXPECTED = {"sdxl": ("SD-XL", 4 * 8), "flux_dev": ("Flux", 7 + 2 * 3), "flux_schnell": ("Flux", 7 + 3), "sd35": ("SD3", 2 * 7 + 4),
             "lumina2": ("Lumina2", 3 * 4), "zimage": ("Lumina2", 3 * 4), "qwen_image": ("QwenImage", 7)}
+
+
+def _sigma_and_t(spec, patcher, fraction):
+    """A sigma at `fraction` of the noise range and the paper's t there: flow models t = 1000·sigma;
+    discrete ones (SD-XL) a sigma of their own table, t its index."""
+    if spec.name == "sdxl":
+        t = int(999 * fraction)
+        return float(patcher.model.model_sampling.sigmas[t]), t
+    return fraction, 1000 * fraction
 
 
 def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
@@ -56,7 +66,7 @@ def _moved(tlora, seed=1):
 
 
 def _dense_delta(f, keep):
-    """Eq. 6 by hand for a prefix mask keeping `keep` components (no frozen factors: vanilla)."""
+    """Eq. 6 by hand for a prefix mask keeping `keep` components (frozen factors subtracted where present)."""
     g = torch.ones(f.rank) if f.scale is None else f.scale.clone()
     g[keep:] = 0
     dw = (f.up * g) @ f.down
@@ -99,7 +109,8 @@ def test_training_adapts_each_projection_with_its_own_adapter(trained):
     cfg = result.tlora.config
     assert cfg.family == family and len(result.tlora.layers) == count == len(find_target_layers(patcher.model,
                                                                                                 "attention"))
-    assert cfg.variant == "vanilla_tlora" and (cfg.rank, cfg.min_rank) == (RANK, MIN_RANK)
+    recipe_variant = "tlora" if family == "SD-XL" else "vanilla_tlora"  # the paper's SD-XL / the reference FLUX
+    assert cfg.variant == recipe_variant and (cfg.rank, cfg.min_rank) == (RANK, MIN_RANK)
     assert result.saved[-1].is_file() and len(result.losses) == 2
     for key, (module, offset, size, rows) in cfg.fused.items():
         weight = patcher.model.get_submodule(module).weight
@@ -109,7 +120,8 @@ def test_training_adapts_each_projection_with_its_own_adapter(trained):
     # (SD3's pre-only last context block, Qwen-Image's last block): no gradient reaches them.
     dead = {"sd35": ["diffusion_model.joint_blocks.1.context_block.attn.qkv.q"],
             "qwen_image": ["diffusion_model.transformer_blocks.0.attn.add_q_proj"]}.get(name, [])
-    still = [k for k, f in result.tlora.layers.items() if torch.count_nonzero(f.up) == 0]
+    still = [k for k, f in result.tlora.layers.items()
+             if (torch.equal(f.up, f.base_up) if f.has_base else torch.count_nonzero(f.up) == 0)]
     assert still == dead, f"adapters that received no gradient: {still}"
 
 
@@ -132,8 +144,8 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("sigma", [0.97, 0.5, 0.1])
-def test_apply_equals_dense_weights_with_r_of_1000_sigma(trained, sigma, path):
+@pytest.mark.parametrize("fraction", [0.97, 0.5, 0.1])
+def test_apply_equals_dense_weights_with_the_paper_t(trained, fraction, path):
     from tlora_pack.trainer.runtime import apply_tlora
 
     name, patcher, spec, result = trained
@@ -141,8 +153,9 @@ def test_apply_equals_dense_weights_with_r_of_1000_sigma(trained, sigma, path):
     applied, runtime = apply_tlora(patcher, tlora, 1.0)
     cond = tf.conditioning(spec)
     x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(3))
+    sigma, t = _sigma_and_t(spec, patcher, fraction)
     got = predict_x0(applied, cond, x, [sigma])
-    keep = _paper_rank(1000 * sigma)
+    keep = _paper_rank(t)
     assert runtime.last.ranks == [keep], (runtime.last.ranks, keep)
     want = predict_x0(_reference(name, tlora, keep), cond, x, [sigma])
     effect = (want - predict_x0(patcher, cond, x, [sigma])).norm()
@@ -151,7 +164,7 @@ def test_apply_equals_dense_weights_with_r_of_1000_sigma(trained, sigma, path):
 
 
 def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
-    """The exact export at t = 1000·sigma equals the T-LoRA at that sigma, read by comfy.sd's loader;
+    """The exact export at the paper's t of a sigma equals the T-LoRA at that sigma, read by comfy.sd's loader;
     fused projections are written as one LoRA on the whole fused weight."""
     import comfy.sd
 
@@ -159,9 +172,10 @@ def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
     from tlora_pack.trainer.runtime import apply_tlora
 
     name, patcher, spec, result = trained
-    tlora, sigma = _moved(result.tlora), 0.3
-    lora, report = export_standard_lora(tlora, timestep=1000 * sigma, storage="fp32")
-    assert report.kept == _paper_rank(300)
+    tlora = _moved(result.tlora)
+    sigma, t = _sigma_and_t(spec, patcher, 0.3)
+    lora, report = export_standard_lora(tlora, timestep=t, storage="fp32")
+    assert report.kept == _paper_rank(t)
     with caplog.at_level(logging.WARNING):
         loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
     assert "not loaded" not in caplog.text

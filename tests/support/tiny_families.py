@@ -27,11 +27,24 @@ class TinyFamily:
     extra_cond: dict = field(default_factory=dict)
     config_class: str = ""  # force this supported_models class (Z-Image's is chosen by width alone)
     frames: bool = False    # latents carry a time axis, [batch, channels, 1, height, width] (Wan's format)
+    unet_config: dict = field(default_factory=dict)  # a full config instead of the detector's (with config_class)
 
 
 H = 256  # Flux / Qwen head dim is fixed at 128 by their rope axes: 2 heads
 
+# SD-XL's detector matches only its full depth, so the tiny UNet's config is given whole: SD-XL's widths
+# where the family is decided (cross-attention on 2048-wide text, the 2816-wide pooled + size input,
+# linear projections in and out), one level of one block otherwise.
+TINY_SDXL_UNET = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [1],
+    "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True, "context_dim": 2048, "num_heads": -1, "num_head_channels": 32,
+    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": 2816, "num_classes": "sequential",
+    "use_checkpoint": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
 TINY = {
+    "sdxl": TinyFamily("sdxl", {}, {}, context=2048, pooled=1280, config_class="SDXL", unet_config=TINY_SDXL_UNET),
     "flux_dev": TinyFamily(
         "flux_dev",
         {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (H, 64),
@@ -84,7 +97,7 @@ def build(name: str, seed: int = 0, weight_dtype: torch.dtype = torch.float32, c
 
     spec = TINY[name]
     sd = _meta_state_dict(spec.keys)
-    unet_config = comfy.model_detection.detect_unet_config(sd, "")
+    unet_config = dict(spec.unet_config) or comfy.model_detection.detect_unet_config(sd, "")
     unet_config.update(spec.overrides)
     if spec.config_class:
         model_config = getattr(comfy.supported_models, spec.config_class)(unet_config)

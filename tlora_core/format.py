@@ -38,6 +38,7 @@ class TLora:
 
     config: TLoraConfig
     layers: dict[str, LayerFactors] = field(default_factory=dict)
+    origin: Optional[Path] = None  # the file it was read from (the trainer looks for its resume state there)
 
     def num_values(self) -> int:
         return sum(t.numel() for f in self.layers.values() for t in f.tensors().values())
@@ -242,4 +243,6 @@ def parse_tlora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], orig
 def load_tlora(path: str | os.PathLike) -> TLora:
     """Read a file written by save_tlora."""
     tensors, metadata = read_safetensors(path)
-    return parse_tlora(tensors, metadata, str(path))
+    tlora = parse_tlora(tensors, metadata, str(path))
+    tlora.origin = Path(path)
+    return tlora

@@ -17,6 +17,7 @@ VARIANTS = {
     "lora": (False, False),         # plain LoRA, full rank at every t
 }
 ORTHO_INITS = ("last", "middle", "principal")
+MAX_TIMESTEP = 100_000  # diffusion models use T = 1000; far larger values only overflow the samplers' maths
 
 
 TEXT_FIELDS = ("variant", "init", "base_model", "trigger", "class_word", "source")
@@ -59,8 +60,10 @@ class TLoraConfig:
                 and math.isfinite(self.exponent) and self.exponent > 0):
             raise TLoraConfigError(f"schedule exponent must be a finite number > 0, got {self.exponent!r}.")
         self.exponent = float(self.exponent)
-        if not _whole(self.max_timestep) or self.max_timestep < 1:
-            raise TLoraConfigError(f"max_timestep (T) must be a whole number >= 1, got {self.max_timestep!r}.")
+        if not _whole(self.max_timestep) or not 1 <= self.max_timestep <= MAX_TIMESTEP:
+            raise TLoraConfigError(f"max_timestep (T) must be a whole number from 1 to {MAX_TIMESTEP} (T-LoRA uses "
+                                   f"{DEFAULT_T}), got {self.max_timestep!r}. Set it to {DEFAULT_T} or use the "
+                                   f"original file.")
         if self.variant not in VARIANTS:
             raise TLoraConfigError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
         if self.ortho and self.init not in ORTHO_INITS:

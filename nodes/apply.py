@@ -5,8 +5,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..tlora_core.readers import read_any
-from ..trainer.runtime import apply_tlora, base_weight_lookup
-from .common import CATEGORY, TLoraType
+from ..trainer.runtime import apply_tlora, base_weight_lookup, check_overrides
+from .common import CATEGORY, TLoraType, user_errors
 
 
 def _schedule_inputs():
@@ -40,6 +40,7 @@ class TLoraApply(io.ComfyNode):
             outputs=[io.Model.Output(display_name="MODEL")])
 
     @classmethod
+    @user_errors
     def execute(cls, model, tlora, strength, min_rank, exponent) -> io.NodeOutput:
         patched, _ = apply_tlora(model, tlora, strength, **_overrides(min_rank, exponent))
         return io.NodeOutput(patched)
@@ -61,7 +62,9 @@ class TLoraLoad(io.ComfyNode):
             outputs=[io.Model.Output(display_name="MODEL"), TLoraType.Output(display_name="TLORA")])
 
     @classmethod
+    @user_errors
     def execute(cls, model, tlora_name, strength, min_rank, exponent) -> io.NodeOutput:
+        check_overrides(strength, **_overrides(min_rank, exponent))  # before reading: the file is not at fault
         path = folder_paths.get_full_path_or_raise("loras", tlora_name)
         tlora = read_any(path, base_weights=base_weight_lookup(model.model), **_overrides(min_rank, exponent))
         patched, _ = apply_tlora(model, tlora, strength, **_overrides(min_rank, exponent))

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..tlora_core.export import save_standard_lora
 from ..trainer.files import next_free_path
-from .common import CATEGORY, TLoraType
+from .common import CATEGORY, TLoraType, user_errors
 
 
 class TLoraExportLoRA(io.ComfyNode):
@@ -34,6 +34,7 @@ class TLoraExportLoRA(io.ComfyNode):
             is_output_node=True)
 
     @classmethod
+    @user_errors
     def execute(cls, tlora, timestep, rank, storage, filename_prefix) -> io.NodeOutput:
         loras_dir = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
         path, report = save_standard_lora(tlora, next_free_path(loras_dir, filename_prefix),

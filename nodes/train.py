@@ -5,7 +5,7 @@ from pathlib import Path
 
 import folder_paths
 from comfy.utils import ProgressBar
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..trainer.plot import loss_curve_image
 from ..trainer.runtime import apply_tlora
@@ -13,7 +13,7 @@ from ..trainer.settings import TRAINING_DTYPES, TrainSettings
 from ..trainer.train import model_family, train_tlora
 from ..tlora_core.families import AUTO, TARGET_SETS
 from ..tlora_core.config import ORTHO_INITS, VARIANTS
-from .common import CATEGORY, TLoraType
+from .common import CATEGORY, TLoraType, user_errors
 
 
 def _progress_reporter(node_id, total: int):
@@ -107,9 +107,11 @@ class TLoraTrainFromImage(io.ComfyNode):
                      TLoraType.Output(display_name="TLORA"),
                      io.String.Output(display_name="file", tooltip="The saved file, relative to models/loras."),
                      io.Image.Output(display_name="loss_curve")],
-            hidden=[io.Hidden.unique_id])
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True)  # writing the file is a goal of its own: a graph of only this node runs
 
     @classmethod
+    @user_errors
     def execute(cls, model, vae, image, trigger, class_word, prompt_template, variant, rank, min_rank,
                 steps, learning_rate, seed, filename_prefix, clip=None, mask=None, resume=None, init="last",
                 weight_decay=1e-4, exponent=1.0, resolution=0, targets="attention",
@@ -128,7 +130,8 @@ class TLoraTrainFromImage(io.ComfyNode):
                              conditioning=conditioning)
         patched, _ = apply_tlora(model, result.tlora, 1.0)
         name = result.saved[-1].relative_to(Path(loras_dir).resolve()).as_posix()
-        return io.NodeOutput(patched, result.tlora, name, loss_curve_image(result.losses))
+        return io.NodeOutput(patched, result.tlora, name, loss_curve_image(result.losses),
+                             ui=ui.PreviewText(name))
 
 
 NODES = [TLoraTrainFromImage]

@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -59,12 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: the GPU when that Python's torch sees one, else the CPU")
     t = p.add_argument_group("training (default: the workflow's values; smaller ones with the tiny model)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--rank", type=int)
-    t.add_argument("--min-rank", type=int, help="r_min: lower = more diversity, higher = more fidelity")
+    t.add_argument("--steps", type=int, help="0 = the model family's recipe")
+    t.add_argument("--rank", type=int, help="0 = the model family's recipe")
+    t.add_argument("--min-rank", type=int, help="r_min: lower = more diversity, higher = more fidelity; 0 = the "
+                                                 "model family's recipe")
     t.add_argument("--learning-rate", type=float)
     t.add_argument("--resolution", type=int, help="training size in px; 0 = from the image, capped at the model's")
-    t.add_argument("--variant", choices=("tlora", "vanilla_tlora", "ortho_lora", "lora"))
+    t.add_argument("--variant", choices=("auto", "tlora", "vanilla_tlora", "ortho_lora", "lora"),
+                   help="auto = the model family's recipe")
     t.add_argument("--trigger", help="the rare word that stands for the subject (workflow: sks)")
     t.add_argument("--class-word", help="what the subject is (workflow: dog)")
     t.add_argument("--seed", type=int, help="training seed")
@@ -79,11 +83,103 @@ def parse_args(argv=None) -> argparse.Namespace:
     r = p.add_argument_group("run")
     r.add_argument("--port", type=int, help="server port on 127.0.0.1 (default: a free one)")
     r.add_argument("--timeout", type=float, default=6 * 3600, help="give up after this many seconds")
+    r.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)  # main_job.sh, before set-up
     args = p.parse_args(argv)
-    for path in (args.checkpoint, args.image):
-        if path is not None and not path.is_file():
-            p.error(f"no such file: {path}")
+    problems = argument_problems(args)
+    if problems:
+        p.error("\n  ".join(problems))
     return args
+
+
+# ---- checking the arguments (before any set-up: a mistake costs seconds, not a training run) ----------
+
+# option -> (node, input, min, max): the bounds the nodes declare. tests/test_main_job.py compares them
+# with a running server's /object_info, so this table cannot drift from the nodes.
+BOUNDS = {
+    "steps": ("TLoraTrainFromImage", "steps", 0, 100000),
+    "rank": ("TLoraTrainFromImage", "rank", 0, 512),
+    "min_rank": ("TLoraTrainFromImage", "min_rank", 0, 512),
+    "learning_rate": ("TLoraTrainFromImage", "learning_rate", 1e-7, 0.1),
+    "resolution": ("TLoraTrainFromImage", "resolution", 0, 2048),
+    "seed": ("TLoraTrainFromImage", "seed", 0, 0xFFFFFFFF),
+    "sample_steps": ("KSampler", "steps", 1, 10000),
+    "cfg": ("KSampler", "cfg", 0.0, 100.0),
+    "sample_seed": ("KSampler", "seed", 0, 0xFFFFFFFFFFFFFFFF),
+    "size": ("EmptyLatentImage", "width", 16, 16384),
+}
+CHECKPOINT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def image_kind(path: Path):
+    """The format of an image file from its first bytes (what ComfyUI's LoadImage opens), or None."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((kind for magic, kind in IMAGE_MAGIC if head.startswith(magic)), None)
+
+
+def file_problem(path, option, suffixes=None, images=False):
+    """Why `path` cannot be used for `option`, or None."""
+    if path is None:
+        return None
+    if path.is_dir():
+        what = "one image file (PNG, JPEG, WEBP, ...)" if images else "a checkpoint file"
+        return f"{option} {path} is a folder; give {what}."
+    if not path.is_file():
+        return f"{option} {path}: no such file."
+    if suffixes and path.suffix.lower() not in suffixes:
+        return f"{option} {path}: ComfyUI lists checkpoints ending in {', '.join(suffixes)} only; rename the file."
+    try:
+        if images and image_kind(path) is None:
+            return f"{option} {path} is not an image ComfyUI can load (PNG, JPEG, WEBP, BMP, GIF or TIFF)."
+    except OSError as exc:
+        return f"{option} {path} cannot be read ({exc.strerror})."
+    return None
+
+
+def port_problem(port):
+    if port is None:
+        return None
+    if not 1 <= port <= 65535:
+        return f"--port {port}: choose a port from 1 to 65535."
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return (f"--port {port} is in use on {HOST} (another ComfyUI?). The main job only talks to a server it "
+                    f"started itself: choose a free port, or leave --port out to pick one.")
+    return None
+
+
+def nvidia_driver_present() -> bool:
+    """A quick look for an NVIDIA driver (torch is not asked here: importing it takes seconds)."""
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def argument_problems(args) -> list[str]:
+    """Every reason the run would fail that can be seen without installing or starting anything."""
+    problems = [file_problem(args.checkpoint, "--checkpoint", CHECKPOINT_SUFFIXES),
+                file_problem(args.image, "--image", images=True), port_problem(args.port)]
+    for name, (node, field, low, high) in BOUNDS.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            problems.append(f"--{name.replace('_', '-')} {value}: {node}'s {field} must be from {low:g} to {high:g}.")
+    rank = args.rank or (TINY["rank"] if args.checkpoint is None else None)
+    if args.min_rank and rank and args.min_rank > rank:
+        problems.append(f"--min-rank {args.min_rank} is above the rank {rank}; r_min must be between 1 and the rank.")
+    if args.size is not None and args.size % 8:
+        problems.append(f"--size {args.size}: use a multiple of 8 (latents are 1/8 of the image size).")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        problems.append(f"--timeout {args.timeout}: give a number of seconds > 0.")
+    if args.comfyui is not None and not (args.comfyui / "main.py").is_file():
+        problems.append(f"--comfyui {args.comfyui} is not a ComfyUI source tree (no main.py in it).")
+    if args.device == "gpu" and not nvidia_driver_present():
+        problems.append("--device gpu, but this machine has no NVIDIA driver (no /proc/driver/nvidia, no "
+                        "nvidia-smi); use --device cpu or auto.")
+    return [p for p in problems if p]
 
 
 # ---- the run folder -------------------------------------------------------------------------------
@@ -162,6 +258,19 @@ class JobServer(ComfyServer):
         super().__init__(comfyui_dir, base_dir, port=port)
         self.python, self.on_cpu = python, on_cpu
 
+    def popen_options(self) -> dict:
+        # A session of its own: Ctrl-C in the terminal then reaches the main job only, which cancels the run
+        # through the server and waits for the trainer to save before it stops ComfyUI.
+        return {"start_new_session": True}
+
+    def start(self, timeout: float = 120.0) -> "JobServer":
+        super().start(timeout)
+        argv = self.get("/system_stats").get("system", {}).get("argv", [])
+        if str(self.base_dir) not in argv:  # another server took the port after the check: never use it
+            self.stop()
+            raise ComfyServerError(f"another server answers on port {self.port}; choose a free --port.")
+        return self
+
     def command(self) -> list:
         device = ["--cpu", "--use-pytorch-cross-attention"] if self.on_cpu else []
         return [self.python, str(self.comfyui_dir / "main.py"), *device, "--listen", HOST,
@@ -169,12 +278,14 @@ class JobServer(ComfyServer):
                 "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}"]
 
 
-def runs_on_cpu(args) -> bool:
-    if args.device != "auto":
-        return args.device == "cpu"
-    probe = subprocess.run([args.python, "-c", "import torch; print(torch.cuda.is_available())"],
+def torch_sees_cuda(python: str) -> bool:
+    probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
                            capture_output=True, text=True)
-    return probe.stdout.strip() != "True"
+    return probe.stdout.strip() == "True"
+
+
+def runs_on_cpu(args) -> bool:
+    return args.device == "cpu" or (args.device == "auto" and not torch_sees_cuda(args.python))
 
 
 # ---- following the run ----------------------------------------------------------------------------
@@ -236,8 +347,9 @@ class Progress:
         self._line(f"    {text}{eta}", final=value == total and value != "")
 
 
-async def follow(server: ComfyServer, api: dict, timeout: float) -> dict:
-    """Queue `api` and print its progress until it ends; returns its history entry."""
+async def follow(server: ComfyServer, api: dict, timeout: float, run: dict) -> dict:
+    """Queue `api` and print its progress until it ends; returns its history entry. run["prompt_id"] is
+    set as soon as the prompt is queued (for Ctrl-C)."""
     import aiohttp
 
     progress = Progress(api)
@@ -245,6 +357,7 @@ async def follow(server: ComfyServer, api: dict, timeout: float) -> dict:
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"ws://{HOST}:{server.port}/ws?clientId={server.client_id}") as ws:
             prompt_id = await asyncio.get_running_loop().run_in_executor(None, server.post_prompt, api)
+            run["prompt_id"] = prompt_id
             say(f"queued prompt {prompt_id}")
             while time.monotonic() < deadline:
                 try:
@@ -281,6 +394,41 @@ def interrupt(server: ComfyServer):
         say(f"(could not reach ComfyUI to interrupt it: {e})")
 
 
+def cancel(server: ComfyServer, prompt_id) -> int:
+    """Ctrl-C: stop the prompt through the server and wait until the trainer has saved what it learned.
+
+    A prompt still waiting in the queue is removed from it; a running one is interrupted, and its history
+    entry appears once the trainer's except-handler has written the file. A second Ctrl-C stops waiting.
+    """
+    if prompt_id is None or server.process is None or server.process.poll() is not None:
+        say("\ninterrupted before the run started")
+        return 130
+    say("\ncancelling: asking ComfyUI to stop the run; the trainer saves what it has learned "
+        "(Ctrl-C again to quit without waiting)")
+    try:
+        queue = server.get("/queue")
+        if any(item[1] == prompt_id for item in queue.get("queue_pending", [])):
+            server._request("POST", "/queue", {"delete": [prompt_id]})
+            say("removed the run from the queue before it started")
+            return 130
+        interrupt(server)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and server.process.poll() is None:
+            entry = (server.get(f"/history/{prompt_id}") or {}).get(prompt_id)
+            if entry is not None and (entry.get("status") or {}).get("completed") is not None:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        say("stopped waiting: what the trainer had not saved yet is lost")
+        return 130
+    except OSError as e:
+        say(f"(could not reach ComfyUI: {e})")
+        return 130
+    notes = [line.split("T-LoRA: ", 1)[1] for line in server.log_text().splitlines() if "T-LoRA: cancelled" in line]
+    say(notes[-1] if notes else f"the run ended; see {server.log_path}")
+    return 130
+
+
 # ---- the end --------------------------------------------------------------------------------------
 
 def report(server: ComfyServer, api: dict, entry: dict, started: float):
@@ -311,32 +459,35 @@ def report(server: ComfyServer, api: dict, entry: dict, started: float):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.check_only:
+        return 0
     started = time.monotonic()
     comfyui = (args.comfyui or Path(os.environ.get("TLORA_COMFYUI_DIR") or REPO_ROOT / ".deps" / "ComfyUI")).resolve()
     if not (comfyui / "main.py").is_file():
         say(f"error: no ComfyUI at {comfyui} (give --comfyui DIR, or run scripts/setup_env.sh)")
         return 2
+    on_cpu = runs_on_cpu(args)
+    if args.device == "gpu" and not torch_sees_cuda(args.python):
+        say(f"error: --device gpu, but the torch of {args.python} sees no CUDA device; use --device cpu or auto")
+        return 2
     args.out = args.out.resolve()
     ckpt, image = prepare_run_folder(args, comfyui)
     api = build_workflow(args, ckpt, image)
     train = api[find_node(api, "TLoraTrainFromImage")]["inputs"]
-    on_cpu = runs_on_cpu(args)
     say(f"checkpoint {ckpt}{' (tiny test model)' if args.checkpoint is None else ''}, image {image}")
     say(f"training: {train['variant']}, rank {train['rank']}, r_min {train['min_rank']}, {train['steps']} steps, "
         f"lr {train['learning_rate']:g}, on the {'CPU' if on_cpu else 'GPU'}; run folder {args.out}")
     server = JobServer(comfyui, args.out, args.python, on_cpu, port=args.port)
     say(f"starting ComfyUI ({comfyui}) on {server.url} ...")
+    run = {}
     try:
         server.start(timeout=300)
         say(f"ComfyUI is up after {time.monotonic() - started:.0f} s")
-        entry = asyncio.run(follow(server, api, args.timeout))
+        entry = asyncio.run(follow(server, api, args.timeout, run))
         report(server, api, entry, started)
         return 0
     except KeyboardInterrupt:
-        say("\ninterrupted: asking ComfyUI to stop (the trainer saves what it has learned so far)")
-        interrupt(server)
-        time.sleep(3)
-        return 130
+        return cancel(server, run.get("prompt_id"))
     except ComfyServerError as e:
         say(f"\nerror: {e}\n(server log: {server.log_path})")
         if "ModuleNotFoundError" in str(e):

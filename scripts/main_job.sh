@@ -7,7 +7,9 @@
 #   bash scripts/main_job.sh --comfyui ~/ComfyUI --python ~/ComfyUI/venv/bin/python --checkpoint ... --image ...
 #   bash scripts/main_job.sh --help                            # every option
 #
-# Prepares the host it runs on with scripts/setup_env.sh (idempotent, quick once done): ComfyUI 0.3.75
+# Checks the arguments first (a mistake costs a second, not a set-up or a training run), then prepares the
+# host it runs on with `scripts/setup_env.sh --runtime` (idempotent, quick once done; torch and ComfyUI's
+# own requirements only, no test tools): ComfyUI 0.3.75
 # (.deps/ComfyUI with .venv) by default, the upstream host (.deps/ComfyUI-<version> with its own venv)
 # when --comfyui names that tree. Then runs scripts/main_job.py with that host's Python, which starts
 # ComfyUI on 127.0.0.1, runs workflows/api/train_and_sample.api.json, prints progress and where the
@@ -30,6 +32,9 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 
+# Help and the argument checks need only the standard library: they run before the set-up, in seconds.
+"$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )" scripts/main_job.py --check-only "$@"
+
 # The host whose tree --comfyui names (0.3.75 without --comfyui); none for a tree of the user's own.
 host=$BASE_HOST_NAME
 if [[ -n "$comfyui" ]]; then
@@ -46,8 +51,8 @@ fi
 
 if [[ -n "$host" ]]; then
     use_host "$host"
-    [[ -n "${TLORA_SKIP_SETUP:-}" ]] || TLORA_HOSTS=$host bash scripts/setup_env.sh
+    [[ -n "${TLORA_SKIP_SETUP:-}" ]] || TLORA_HOSTS=$host bash scripts/setup_env.sh --runtime
     exec "${python:-$HOST_VENV/bin/python}" scripts/main_job.py "$@"
 fi
-[[ -n "${TLORA_SKIP_SETUP:-}" ]] || TLORA_HOSTS=$BASE_HOST_NAME bash scripts/setup_env.sh
+[[ -n "${TLORA_SKIP_SETUP:-}" ]] || TLORA_HOSTS=$BASE_HOST_NAME bash scripts/setup_env.sh --runtime
 exec "${python:-$BASE_VENV/bin/python}" scripts/main_job.py "$@"

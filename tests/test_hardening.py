@@ -643,7 +643,8 @@ def test_a_diverged_run_keeps_its_last_good_file_names_it_and_the_file_loads(tin
     last = tmp_path / "t" / "run_2steps_00001.safetensors"
     assert "not finite" in str(err.value) and f"Last good file: {last.resolve()}" in str(err.value)
     assert load_tlora(last).config.training["steps_done"] == 2
-    assert sorted(tree(tmp_path / "t")) == [f"run_{n}steps_00001.safetensors" for n in (1, 2)]
+    assert sorted(tree(tmp_path / "t")) == [f"run_{n}steps_00001.safetensors{state}" for n in (1, 2)
+                                            for state in ("", ".state")]  # each with its resume state
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_file_and_names_it(tiny_sd15, tmp_path, monkeypatch):
@@ -661,7 +662,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_good_file_and_names_it(t
     first = (tmp_path / "t" / "run_1steps_00001.safetensors").resolve()
     text = str(err.value)
     assert "No space left" in text and "run_2steps_00001" in text and f"Last good file: {first}" in text
-    assert sorted(tree(tmp_path / "t")) == [first.name]
+    assert sorted(tree(tmp_path / "t")) == [first.name, first.name + ".state"], "the failed file's state is gone too"
     load_tlora(first)
 
 

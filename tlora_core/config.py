@@ -17,6 +17,7 @@ VARIANTS = {
     "lora": (False, False),         # plain LoRA, full rank at every t
 }
 ORTHO_INITS = ("last", "middle", "principal")
+MAX_TIMESTEP = 100_000  # diffusion models use T = 1000; far larger values only overflow the samplers' maths
 
 
 TEXT_FIELDS = ("variant", "init", "base_model", "family", "trigger", "class_word", "source")
@@ -72,8 +73,9 @@ class TLoraConfig:
         if not (finite_number(self.exponent) and self.exponent > 0):
             bad("exponent", "the schedule exponent must be a finite number > 0.")
         self.exponent = float(self.exponent)
-        if not whole_number(self.max_timestep) or self.max_timestep < 1:
-            bad("max_timestep", "T must be a whole number >= 1.")
+        if not whole_number(self.max_timestep) or not 1 <= self.max_timestep <= MAX_TIMESTEP:
+            bad("max_timestep", f"T must be a whole number from 1 to {MAX_TIMESTEP} (T-LoRA uses {DEFAULT_T}). Set it "
+                                f"to {DEFAULT_T} or use the original file.")
         if self.variant not in VARIANTS:
             bad("variant", f"choose one of {', '.join(VARIANTS)}.")
         if self.ortho and self.init not in ORTHO_INITS:

@@ -6,7 +6,19 @@ text shown in the UI without reading a traceback.
 
 
 class TLoraError(ValueError):
-    """Base class for every error this pack raises on purpose."""
+    """Base class for every error this pack raises on purpose.
+
+    ComfyUI reports an exception type as `<module>.<class>` unless its module is `builtins`, and a custom
+    node's module name is the path of its folder; so these classes name `builtins` as their module, and the
+    UI reads "TLoraConfigError", not "/home/.../custom_nodes/comfyui-tlora.tlora_core.errors.TLoraConfigError".
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__module__ = "builtins"
+
+
+TLoraError.__module__ = "builtins"
 
 
 class TLoraConfigError(TLoraError):

@@ -38,6 +38,7 @@ class TLora:
 
     config: TLoraConfig
     layers: dict[str, LayerFactors] = field(default_factory=dict)
+    origin: Optional[Path] = None  # the file it was read from (the trainer looks for its resume state there)
 
     def num_values(self) -> int:
         return sum(t.numel() for f in self.layers.values() for t in f.tensors().values())
@@ -82,10 +83,18 @@ def from_state_dict(tensors: dict[str, torch.Tensor], config: TLoraConfig, origi
             raise TLoraFormatError(f"unexpected tensor {key!r} in T-LoRA file {origin or '?'}.")
         grouped.setdefault(layer, {})[name] = as_float32(t, key, origin or "?")
     if residuals:
-        for parts in grouped.values():
+        for layer, parts in grouped.items():
             for name in list(parts):
-                if f"base_{name}" in parts:
-                    parts[name] = parts[f"base_{name}"] + parts[name]
+                base = parts.get(f"base_{name}")
+                if base is None:
+                    continue
+                if base.shape != parts[name].shape:  # checked before the sum, which would fail without names
+                    raise TLoraFormatError(
+                        f"layer {layer!r} in {origin or '?'}: {name} has shape {tuple(parts[name].shape)} but "
+                        f"base_{name} has {tuple(base.shape)}; in a 16-bit file {name} is stored as a residual "
+                        f"from base_{name}, so both must match. The file is corrupt or was edited: use the file "
+                        f"the trainer wrote, or an earlier checkpoint.")
+                parts[name] = base + parts[name]
     layers = {}
     for layer, parts in grouped.items():
         if "down" not in parts or "up" not in parts:
@@ -242,4 +251,6 @@ def parse_tlora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], orig
 def load_tlora(path: str | os.PathLike) -> TLora:
     """Read a file written by save_tlora."""
     tensors, metadata = read_safetensors(path)
-    return parse_tlora(tensors, metadata, str(path))
+    tlora = parse_tlora(tensors, metadata, str(path))
+    tlora.origin = Path(path)
+    return tlora

@@ -516,6 +516,7 @@ def read_any(path: str | os.PathLike, *, min_rank: Optional[int] = None, exponen
     kind, evidence = sniff_format(tensors, metadata)
     if kind == FORMAT_PACK:
         tlora = parse_tlora(tensors, metadata, str(path))
+        tlora.origin = path
         changes = {k: v for k, v in (("min_rank", min_rank), ("exponent", exponent)) if v is not None}
         if changes:
             try:

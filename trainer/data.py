@@ -47,6 +47,9 @@ def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution
     """Training pixels [N, S, S, 3] and loss weights [N, S, S] (None without a mask)."""
     if image.numel() == 0 or image.shape[-2] == 0 or image.shape[-3] == 0:
         raise TLoraError("the IMAGE is empty (size 0); connect a real image.")
+    if not bool(torch.isfinite(image).all()):
+        raise TLoraError("the IMAGE holds NaN or infinite values; the node that made it produced invalid pixels. "
+                         "Connect the image straight from LoadImage, or fix the node before this one.")
     rgb = to_rgb(image.float())
     h, w = rgb.shape[1:3]
     if max(h, w) > 4 * MAX_RESOLUTION:
@@ -69,5 +72,23 @@ def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution
                          f"use a mask made for this image (e.g. from the same LoadImage).")
     if mask.shape[0] not in (1, rgb.shape[0]):
         raise TLoraError(f"{mask.shape[0]} masks for {rgb.shape[0]} images; give one mask or one per image.")
+    if not bool(torch.isfinite(mask).all()):
+        raise TLoraError("the MASK holds NaN or infinite values; the node that made it produced an invalid mask. "
+                         "Use a mask with values from 0 (ignore) to 1 (subject), or disconnect it.")
     weights = centre_crop_resize(mask.float().unsqueeze(-1), size)[..., 0]
+    check_mask_covers_something(mask, weights)
     return pixels, weights.expand(rgb.shape[0], -1, -1)
+
+
+def check_mask_covers_something(mask: torch.Tensor, weights: torch.Tensor):
+    """Refuse a mask that gives every training pixel weight 0: the loss would be 0 and nothing trained."""
+    for i in range(weights.shape[0]):
+        which = f"mask {i + 1} of {weights.shape[0]}" if weights.shape[0] > 1 else "the MASK"
+        if not bool((mask[i] > 0).any()):
+            raise TLoraError(f"{which} is all zero (black), so no pixel would be trained and the T-LoRA would learn "
+                             f"nothing. Paint the subject white (1) in the mask, or disconnect the mask to train on "
+                             f"the whole image.")
+        if not bool((weights[i] > 0).any()):
+            raise TLoraError(f"{which} covers nothing inside the centred square crop that training uses, so the "
+                             f"T-LoRA would learn nothing. Crop the image around the subject first, or disconnect "
+                             f"the mask.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Optional
@@ -307,12 +308,29 @@ def check_shapes(model, tlora: TLora, targets: dict[str, Target]):
                 f"(its base model: {tlora.config.base_model or 'unknown'}).")
 
 
+def check_overrides(strength: float, min_rank: Optional[int] = None, exponent: Optional[float] = None):
+    """Refuse a strength or schedule override that is not a finite number (NaN would turn every image black)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not number(strength):
+        raise TLoraError(f"strength must be a finite number, got {strength!r}; use 1 for the T-LoRA as trained "
+                         f"(0 gives the model unchanged).")
+    if min_rank is not None and not (number(min_rank) and float(min_rank).is_integer()):
+        raise TLoraError(f"r_min must be a whole number, got {min_rank!r}; use 0 in the node to keep the T-LoRA's "
+                         f"own r_min.")
+    if exponent is not None and not (number(exponent) and exponent > 0):
+        raise TLoraError(f"schedule exponent must be a finite number > 0, got {exponent!r}; use 0 in the node to "
+                         f"keep the T-LoRA's own exponent (1 is the paper's straight line).")
+
+
 def apply_tlora(model_patcher, tlora: TLora, strength: float = 1.0, min_rank: Optional[int] = None,
                 exponent: Optional[float] = None):
     """A clone of `model_patcher` with the T-LoRA attached; the input patcher is not changed.
 
     min_rank / exponent override the file's schedule (None keeps it). Returns (patcher, runtime).
     """
+    check_overrides(strength, min_rank, exponent)
     cfg = tlora.config
     schedule = Schedule(cfg.rank, cfg.schedule_min_rank if min_rank is None else int(min_rank),
                         cfg.exponent if exponent is None else float(exponent), cfg.max_timestep)

@@ -17,11 +17,12 @@ from ..tlora_core.adapter import TRAINABLE_FIELDS, LayerFactors
 from ..tlora_core.config import TLoraConfig
 from ..tlora_core.errors import TLoraError
 from ..tlora_core.families import FAMILIES, Family, Site, family_for, find_sites
-from ..tlora_core.format import TLora, load_tlora, save_tlora
+from ..tlora_core.format import TLora, load_tlora
 from ..tlora_core.init import init_factors
 from .data import prepare_images
 from .files import next_free_path
 from .loop import LoopHooks, PositiveOnlyGuider, TrainSampler, saved_copies
+from .resume import capture, check_family_and_image, images_id, restore_optimizer, save_with_state, state_for
 from .runtime import apply_tlora
 from .settings import TrainSettings
 
@@ -70,16 +71,21 @@ def new_factors(sites: dict[str, Site], s: TrainSettings, ortho: bool, device) -
 
 
 def make_trainable(tlora: TLora, device) -> list[torch.Tensor]:
-    """Move factors to the device; trainable ones become leaf tensors with grad, frozen ones stay without."""
+    """Fresh copies of the factors on the device; trainable ones become leaf tensors with grad.
+
+    Every factor is copied, the frozen ones too: factors read by a node (Load T-LoRA, a previous Train)
+    were made under ComfyUI's inference mode, and autograd may not save such tensors for backward.
+    The copies are contiguous whatever the source (fresh init slices SVD factors, a file's are dense):
+    matmul kernels depend on the layout, and a resumed run must compute exactly like the first one.
+    """
     params = []
     for key, f in tlora.layers.items():
-        f = f.to(device=device, dtype=torch.float32)
+        f = LayerFactors(**{n: t.detach().to(device=device, dtype=torch.float32).clone(
+            memory_format=torch.contiguous_format) for n, t in f.tensors().items()})
         for name in TRAINABLE_FIELDS:
             t = getattr(f, name)
             if t is not None:
-                t = t.detach().clone().requires_grad_(True)
-                setattr(f, name, t)
-                params.append(t)
+                params.append(t.requires_grad_(True))
         tlora.layers[key] = f
     return params
 
@@ -88,7 +94,7 @@ def detached_copy(tlora: TLora, steps_done: int, settings: TrainSettings) -> TLo
     """A CPU snapshot of the factors with the training record updated."""
     layers = {k: LayerFactors(**{n: t.detach().to("cpu", copy=True) for n, t in f.tensors().items()})
               for k, f in tlora.layers.items()}
-    config = tlora.config.replace(training={**settings.record(), "steps_done": steps_done})
+    config = tlora.config.replace(training={**tlora.config.training, **settings.record(), "steps_done": steps_done})
     return TLora(config=config, layers=layers)
 
 
@@ -266,36 +272,50 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
     The prompt is encoded with `clip` unless a ready `conditioning` is given.
     """
     family = model_family(model.model)
+    base_model = type(model.model.model_config).__name__
     pixels, weights = prepare_images(image, mask, settings.resolution, family.recipe.resolution)
     sites = find_target_layers(model.model, settings.targets) if resume is None else None
     config = settings.tlora_config(
-        base_model=type(model.model.model_config).__name__, family=family.name, source="comfyui-tlora trainer",
+        base_model=base_model, family=family.name, source="comfyui-tlora trainer",
         fused=fused_record(model.model, sites) if sites is not None else resume.config.fused)
-    start = check_resume(resume, config, settings) if resume is not None else 0
+    config = config.replace(training={**config.training, "images": images_id(image, mask)})
+    start, state = 0, None
+    if resume is not None:
+        start = check_resume(resume, config, settings)
+        check_family_and_image(resume, base_model, config.training["images"])
+        state = state_for(resume, start)
     next_free_path(output_folder, prefix)  # refuse a bad file name before training, not after
     saved: list[Path] = []
     losses: list[float] = []
+    history = list(state.losses) if state is not None else []  # every step's loss, earlier runs included
     device = mm.get_torch_device()
     with torch.inference_mode(False), torch.enable_grad():
         latents, pixel_weights, positive = encode(
             vae, training_conditioning(clip, conditioning, settings.prompt, family.recipe.guidance), pixels, weights)
         if resume is None:
             tlora = TLora(config, new_factors(sites, settings, config.ortho, device))
-        else:
-            tlora = TLora(config, dict(resume.layers))
+        else:  # the exact float32 factors of the state when there is one (the file may hold 16-bit values)
+            tlora = TLora(config, dict(state.factors if state is not None else resume.layers))
         params = make_trainable(tlora, device)
         patched, runtime = apply_tlora(model, tlora, 1.0)
         patched.set_injections(f"{runtime.key}-training", [inference_weight_copies()])
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999),
                                       weight_decay=settings.weight_decay, eps=1e-8)
+        if state is not None:
+            restore_optimizer(optimizer, tlora, state)
+        rng_after_step = {}  # the generator's state after the last finished step, for saving
 
         def save(step: int):
             path = next_free_path(output_folder, prefix, f"{step}steps" if step < settings.steps else "")
-            saved.append(save_tlora(detached_copy(tlora, step, settings), path, storage=settings.storage))
+            snapshot = detached_copy(tlora, step, settings)
+            run_state = capture(tlora, optimizer, rng_after_step["rng"], history, step)
+            saved.append(save_with_state(snapshot, run_state, path, settings.storage))
             logging.info("T-LoRA: saved %s", saved[-1])
 
         def on_step(step: int, loss: float):
             losses.append(loss)
+            history.append(loss)
+            rng_after_step["rng"] = sampler.generator.get_state()
             if progress is not None:
                 progress(step, settings.steps, loss)
 
@@ -305,6 +325,8 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
         sampler = TrainSampler(pixel_weights, settings.batch_size, optimizer, settings.steps, settings.seed,
                                resolve_dtype(settings.training_dtype, device), hooks, runtime,
                                copy_saved=family.inplace_residuals)
+        if state is not None:
+            sampler.generator.set_state(state.rng)
         guider = PositiveOnlyGuider(patched)
         guider.set_conds(positive)
         try:
@@ -315,8 +337,12 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
                               seed=settings.seed, disable_pbar=True)
             save(settings.steps)
         except mm.InterruptProcessingException:
+            done = start + len(losses)
             if losses:  # keep what was learned: a cancelled run still leaves a file
-                save(start + len(losses))
+                save(done)
+            logging.warning("T-LoRA: cancelled at step %d of %d; %s", done, settings.steps,
+                            f"saved {saved[-1]} (load it and connect it to the trainer's resume input to continue)"
+                            if losses else "no step had finished, so no file was saved.")
             raise
         except (TLoraError, OSError) as exc:
             where = f" Last good file: {saved[-1]}." if saved else " No file was saved."

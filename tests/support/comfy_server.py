@@ -95,12 +95,17 @@ class ComfyServer:
                 "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
                 *self.extra_args]
 
+    def popen_options(self) -> dict:
+        """Extra subprocess.Popen arguments for the server process (none here; see scripts/main_job.py)."""
+        return {}
+
     def start(self, timeout: float = 120.0) -> "ComfyServer":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the server must import the pack the way a user's ComfyUI does
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.command(), cwd=str(self.base_dir), env=env,
-                                        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        **self.popen_options())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -25,7 +25,7 @@ def tiny_tlora(tiny_sd15):
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
-    layers = find_target_layers(tiny_sd15[0].model.diffusion_model, "attention")
+    layers = find_target_layers(tiny_sd15[0].model, "attention")
     factors = new_factors(layers, TrainSettings(rank=2, min_rank=1, variant="lora"), False, torch.device("cpu"))
     return TLora(TLoraConfig(rank=2, min_rank=1, variant="vanilla_tlora", base_model="SD15"), factors)
 

@@ -28,7 +28,7 @@ def _cases(tmp: Path, port: int):
         (["--size", "7"], "--size 7: EmptyLatentImage's width must be from 16 to 16384"),
         (["--size", "100"], "--size 100: use a multiple of 8"),
         (["--sample-steps", "0"], "--sample-steps 0: KSampler's steps must be from 1 to 10000"),
-        (["--steps", "0"], "--steps 0: TLoraTrainFromImage's steps must be from 1 to 100000"),
+        (["--steps", "-1"], "--steps -1: TLoraTrainFromImage's steps must be from 0 to 100000"),
         (["--learning-rate", "nan"], "--learning-rate nan: TLoraTrainFromImage's learning_rate must be from"),
         (["--min-rank", "9"], "--min-rank 9 is above the rank 8"),
         (["--image", str(tmp / "photos")], "photos is a folder; give one image file"),

@@ -2,9 +2,15 @@
 import pytest
 import torch
 
+from support.dense import dense_delta, paper_rank
+
 pytestmark = pytest.mark.usefixtures("comfy")
 
 RANK, MIN_RANK = 8, 4
+
+
+def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
+    return paper_rank(t, rank, min_rank)
 
 
 def _tlora(patcher, seed=0, rank=RANK, min_rank=MIN_RANK, variant="tlora"):
@@ -26,21 +32,6 @@ def _tlora(patcher, seed=0, rank=RANK, min_rank=MIN_RANK, variant="tlora"):
             f.scale = f.scale + 0.01 * torch.rand(f.scale.shape, generator=gen)
     return TLora(config, factors)
 
-
-def _dense_delta(f, keep):
-    """Eq. 6 by hand for a prefix mask keeping `keep` components."""
-    def part(down, up, scale):
-        g = torch.ones(down.shape[0]) if scale is None else scale.clone()
-        g[keep:] = 0
-        return (up * g) @ down
-    dw = part(f.down, f.up, f.scale)
-    if f.base_down is not None:
-        dw -= part(f.base_down, f.base_up, f.base_scale)
-    return dw
-
-
-def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
-    return (rank - min_rank) * (1000 - t) // 1000 + min_rank
 
 
 def _reference_patcher(patcher, deltas_by_key):
@@ -106,7 +97,7 @@ def test_prediction_matches_dense_reference_at_each_sigma(setup, path, t_index):
     patched, _ = apply_tlora(patcher, tlora, strength)
     got = _predict_on(path, patched, positive, x, sigma)
     keep = _paper_rank(t_index)
-    ref = _reference_patcher(patcher, {k: strength * _dense_delta(f, keep) for k, f in tlora.layers.items()})
+    ref = _reference_patcher(patcher, {k: strength * dense_delta(f, keep) for k, f in tlora.layers.items()})
     want = predict_x0(ref, positive, x, sigma)
     base = predict_x0(patcher, positive, x, sigma)
     assert (want - base).norm() / base.norm() > 1e-3, "the T-LoRA must visibly change the prediction"
@@ -173,7 +164,7 @@ def test_two_tloras_stack_each_with_its_own_schedule(setup):
     stacked, _ = apply_tlora(patcher, first, 1.0)
     stacked, _ = apply_tlora(stacked, second, 0.5)
     got = predict_x0(stacked, positive, x, sigma)
-    deltas = {k: _dense_delta(f, _paper_rank(t)) + 0.5 * _dense_delta(second.layers[k], _paper_rank(t, 6, 2))
+    deltas = {k: dense_delta(f, _paper_rank(t)) + 0.5 * dense_delta(second.layers[k], _paper_rank(t, 6, 2))
               for k, f in first.layers.items()}
     want = predict_x0(_reference_patcher(patcher, deltas), positive, x, sigma)
     assert (got - want).norm() / want.norm() < 1e-4
@@ -195,7 +186,7 @@ def test_stacks_with_an_ordinary_lora_from_loraloader(setup):
     both, _ = apply_tlora(with_lora, tlora, 1.0)
     t = 300
     sigma = float(patcher.model.model_sampling.sigmas[t])
-    deltas = {k: _dense_delta(f, _paper_rank(t)) for k, f in tlora.layers.items()}
+    deltas = {k: dense_delta(f, _paper_rank(t)) for k, f in tlora.layers.items()}
     deltas[key] = deltas[key] + up @ down
     want = predict_x0(_reference_patcher(patcher, deltas), positive, x, sigma)
     got = predict_x0(both, positive, x, sigma)
@@ -299,7 +290,7 @@ def test_fp16_and_bf16_base_weights_give_w_plus_dw_and_stay_unchanged(setup, tin
     sigma = float(low.model.model_sampling.sigmas[400])
     before = predict_x0(low, positive, x, sigma)
     got = predict_x0(apply_tlora(low, tlora, 1.0)[0], positive, x, sigma)
-    deltas = {k: _dense_delta(f, _paper_rank(400)) for k, f in tlora.layers.items()}
+    deltas = {k: dense_delta(f, _paper_rank(400)) for k, f in tlora.layers.items()}
     want = predict_x0(_reference_patcher(low, deltas), positive, x, sigma)
     assert (want - before).norm() / before.norm() > 1e-3
     assert (got - want).norm() / want.norm() < 1e-4

@@ -9,12 +9,17 @@ import logging
 import pytest
 import torch
 
+from support.dense import dense_delta, paper_rank
 from support import tiny_families as tf
 from support.predict import predict_x0
 
 pytestmark = pytest.mark.usefixtures("comfy")
 
 RANK, MIN_RANK = 4, 1
+
+
+def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
+    return paper_rank(t, rank, min_rank)
 # adapters per tiny model, counted by hand from the blocks each builds:
 # Flux double block: img q, k, v, proj + txt q, k, v = 7; single block: q, k, v of linear1 = 3.
 # SD3.5 joint block: x q, k, v, proj + context q, k, v = 7, block 0 adds attn2 q, k, v, proj = 4.
@@ -32,11 +37,6 @@ def _sigma_and_t(spec, patcher, fraction):
         t = int(999 * fraction)
         return float(patcher.model.model_sampling.sigmas[t]), t
     return fraction, 1000 * fraction
-
-
-def _paper_rank(t, rank=RANK, min_rank=MIN_RANK):
-    """r(t) = floor((r - r_min)(T - t)/T) + r_min, T = 1000 (paper Sec. 3.2)."""
-    return int((rank - min_rank) * (1000 - t) // 1000) + min_rank
 
 
 @pytest.fixture(scope="module", params=list(tf.TINY))
@@ -65,18 +65,6 @@ def _moved(tlora, seed=1):
     return TLora(tlora.config, layers)
 
 
-def _dense_delta(f, keep):
-    """Eq. 6 by hand for a prefix mask keeping `keep` components (frozen factors subtracted where present)."""
-    g = torch.ones(f.rank) if f.scale is None else f.scale.clone()
-    g[keep:] = 0
-    dw = (f.up * g) @ f.down
-    if f.base_down is not None:
-        g0 = torch.ones(f.rank) if f.base_scale is None else f.base_scale.clone()
-        g0[keep:] = 0
-        dw = dw - (f.base_up * g0) @ f.base_down
-    return dw
-
-
 def _reference(name, tlora, keep, source=None):
     """A second copy of the tiny model in fp32 whose weights are W + dW, set by hand: fused projections
     get their dW in their own rows, found by the model's shapes, not by the pack. W is the same seed's
@@ -92,7 +80,7 @@ def _reference(name, tlora, keep, source=None):
     fused = tlora.config.fused
     with torch.no_grad():
         for key, f in tlora.layers.items():
-            dw = _dense_delta(f, keep)
+            dw = dense_delta(f, keep)
             if key in fused:
                 module, offset, size, _ = fused[key]
                 patcher.model.get_submodule(module).weight[offset:offset + size] += dw

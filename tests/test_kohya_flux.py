@@ -11,6 +11,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+from support.dense import dense_delta, paper_rank
 from support import tiny_families as tf
 from support.predict import predict_x0
 
@@ -68,22 +69,6 @@ def perturb(network, seed=3):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def paper_rank(t, rank=RANK, min_rank=MIN_RANK):
-    """r(t) = floor((r - r_min)(T - t)/T) + r_min, T = 1000 (paper Sec. 3.2)."""
-    return int((rank - min_rank) * (1000 - t) // 1000) + min_rank
-
-
-def dense_delta(f, keep):
-    """dW of Eq. 6 by hand for a prefix mask keeping `keep` components."""
-    g = torch.ones(f.rank) if f.scale is None else f.scale.clone()
-    g[keep:] = 0
-    dw = (f.up * g) @ f.down
-    if f.base_down is not None:
-        g0 = torch.ones(f.rank) if f.base_scale is None else f.base_scale.clone()
-        g0[keep:] = 0
-        dw = dw - (f.base_up * g0) @ f.base_down
-    return dw
-
 
 def dense_reference(layers, keep):
     """ComfyUI's tiny Flux (ModelPatcher) of the same seed with W + dW(keep) set by hand, row by row."""
@@ -137,7 +122,7 @@ def test_each_sample_gets_the_mask_of_1000_times_its_timestep():
     network = create(flux, min_rank=str(MIN_RANK))
     perturb(network)
     sigmas = [0.05, 0.97, 0.5]
-    keeps = [paper_rank(1000 * s) for s in sigmas]
+    keeps = [paper_rank(1000 * s, RANK, MIN_RANK) for s in sigmas]
     assert keeps == [3, 1, 2]  # three different ranks, none of them full
     inputs = flux_inputs(sigmas)
     out = flux(**inputs).detach()  # with grad, as in training: the call's masks stay for its backward
@@ -167,7 +152,7 @@ def test_saved_file_loads_in_comfyui_and_equals_dense_weights(tmp_path, variant)
     assert (tlora.config.family, tlora.config.base_model, tlora.config.fused) == ("Flux", "Flux", network.config.fused)
 
     sigma = 0.6
-    keep = paper_rank(1000 * sigma)
+    keep = paper_rank(1000 * sigma, RANK, MIN_RANK)
     patcher, _ = tf.build("flux_dev")  # the same weights in ComfyUI, without sd-scripts' hooks
     applied, runtime = apply_tlora(patcher, tlora, 1.0)
     spec = tf.TINY["flux_dev"]

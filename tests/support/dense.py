@@ -1,0 +1,20 @@
+"""The paper's formulas written out by hand, for references that use no pack code."""
+import torch
+
+
+def paper_rank(t, rank: int, min_rank: int, T: int = 1000) -> int:
+    """r(t) = floor((r - r_min)(T - t)/T) + r_min (paper Sec. 3.2)."""
+    return int((rank - min_rank) * (T - t) // T) + min_rank
+
+
+def dense_delta(f, keep: int) -> torch.Tensor:
+    """dW of Eq. 6 for a prefix mask keeping the first `keep` components: B diag(S m) A, minus
+    B0 diag(S0 m) A0 where the factors have frozen copies (S = 1 where absent)."""
+    def part(down, up, scale):
+        g = torch.ones(down.shape[0]) if scale is None else scale.clone()
+        g[keep:] = 0
+        return (up * g) @ down
+    dw = part(f.down, f.up, f.scale)
+    if f.base_down is not None:
+        dw = dw - part(f.base_down, f.base_up, f.base_scale)
+    return dw

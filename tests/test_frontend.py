@@ -66,7 +66,7 @@ def _untrained_tlora(patcher, path: Path) -> Path:
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
-    layers = find_target_layers(patcher.model.diffusion_model, "attention")
+    layers = find_target_layers(patcher.model, "attention")
     factors = new_factors(layers, TrainSettings(rank=4, min_rank=2), True, torch.device("cpu"))
     return save_tlora(TLora(TLoraConfig(rank=4, min_rank=2, base_model="SD15"), factors), path)
 

@@ -85,7 +85,7 @@ def make_tlora(patcher, seed: int):
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
-    layers = find_target_layers(patcher.model.diffusion_model, "attention")
+    layers = find_target_layers(patcher.model, "attention")
     factors = new_factors(layers, TrainSettings(rank=RANK, min_rank=MIN_RANK, seed=seed), True, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed + 100)
     for f in factors.values():

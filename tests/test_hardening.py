@@ -400,8 +400,16 @@ def test_a_mask_that_does_not_fit_the_image_is_refused(mask_shape):
 def test_masks_in_every_comfyui_layout_are_accepted(mask_shape):
     from tlora_pack.trainer.data import prepare_images
 
-    _, weights = prepare_images(torch.rand(1, 64, 48, 3), torch.ones(mask_shape), 0, 512)
+    _, weights = prepare_images(torch.rand(1, 64, 48, 3), torch.ones(mask_shape), 64, 512)
     assert weights.shape == (1, 64, 64) and torch.allclose(weights, torch.ones(1, 64, 64))
+
+
+def test_resolution_0_trains_at_the_models_native_size_even_from_a_small_photo():
+    """The paper trains SD-XL at 1024: a 100x80 photo is centre-cropped and resized up to the native size."""
+    from tlora_pack.trainer.data import prepare_images
+
+    pixels, _ = prepare_images(torch.rand(1, 100, 80, 3), None, 0, 1024)
+    assert pixels.shape == (1, 1024, 1024, 3)
 
 
 @pytest.mark.parametrize("channels", [1, 4])

@@ -8,6 +8,8 @@ lr 1e-4, betas (0.9, 0.999), weight decay 1e-4, eps 1e-8. What each row adapts:
             attention (128 Linears), epsilon-MSE loss: the like-for-like baseline of `lora` and `tlora`.
   lora      this pack's trainer, variant "lora" (plain LoRA), the same 128 attention projections.
   tlora     this pack's trainer, variant "tlora" (Ortho-LoRA, frozen base copies, rank mask), same layers.
+  tlora_preview  as tlora, with a preview image (12 Euler steps, CFG 5) after every 2nd step; its steps
+            are timed without the previews, each preview apart: preview time / training time.
   tlora_ff  this pack's trainer, T-LoRA on attention + feed-forward Linears (160 Linears): the row to
             set beside `native`, which cannot be restricted to fewer layers.
   native    comfy_extras/nodes_train.py TrainLoraNode (algorithm LoRA): an adapter on EVERY weight of 2+
@@ -29,6 +31,7 @@ meta device (see sdxl_estimate).
 
     .venv/bin/python benchmarks/train_step.py                          # peft, lora, tlora
     .venv/bin/python benchmarks/train_step.py --trainers native,tlora_ff
+    .venv/bin/python benchmarks/train_step.py --trainers tlora,tlora_preview --no-estimate   # preview cost
     .venv/bin/python benchmarks/train_step.py --gradient-checkpointing on
     .venv/bin/python benchmarks/train_step.py --estimate-only
 Needs benchmarks/requirements.txt (diffusers, peft) for the peft row.
@@ -65,20 +68,37 @@ def synthetic_image(size: int) -> torch.Tensor:
     return img.unsqueeze(0)
 
 
+def _sync():
+    if torch.cuda.is_available() and common.device_kind() == "cuda":
+        torch.cuda.synchronize()
+
+
 class Stamps:
-    """Wall and process-CPU time stamps; gaps() gives one entry per step."""
+    """Wall and process-CPU time stamps at the end of every step; gaps() gives one entry per step.
+
+    preview() (the trainer's show_preview, called when a preview made after the latest step is ready)
+    records that preview's time apart and leaves it out of the next step's gap."""
 
     def __init__(self):
-        self.wall, self.cpu = [], []
+        self.wall, self.cpu, self.previews = [], [], []
+        self.paused_wall, self.paused_cpu = [], []  # per stamp: preview time that followed it
 
     def __call__(self, *_):
-        if torch.cuda.is_available() and common.device_kind() == "cuda":
-            torch.cuda.synchronize()
+        _sync()
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
+        self.paused_wall.append(0.0)
+        self.paused_cpu.append(0.0)
+
+    def preview(self, *_):
+        _sync()
+        wall, cpu = time.perf_counter() - self.wall[-1], time.process_time() - self.cpu[-1]
+        self.previews.append(wall)
+        self.paused_wall[-1], self.paused_cpu[-1] = wall, cpu
 
     def gaps(self):
-        return common.gaps(self.wall), common.gaps(self.cpu)
+        return ([g - p for g, p in zip(common.gaps(self.wall), self.paused_wall)],
+                [g - p for g, p in zip(common.gaps(self.cpu), self.paused_cpu)])
 
 
 def run_native(base, latent, positive, steps: int, checkpointing: bool):
@@ -105,7 +125,7 @@ def run_native(base, latent, positive, steps: int, checkpointing: bool):
         nodes_train.TrainSampler.fwd_bwd = real
     lora_sd = out.args[1]
     wall, cpu = stamps.gaps()
-    return wall, cpu, common.nbytes(lora_sd.values())
+    return wall, cpu, common.nbytes(lora_sd.values()), []
 
 
 def fast_ortho_init():
@@ -125,17 +145,26 @@ def fast_ortho_init():
     init.ortho_factors = random_ortho
 
 
-def run_pack(base, clip, vae, image, variant: str, targets: str, steps: int, checkpointing: bool, folder: str):
-    """train_tlora with the paper's settings at rank 64; returns (wall gaps, cpu gaps, adapter bytes)."""
+PREVIEW_EVERY, PREVIEW_STEPS, PREVIEW_CFG = 2, 12, 5.0  # the tlora_preview row; SD's preview recipe
+
+
+def run_pack(base, clip, vae, image, variant: str, targets: str, steps: int, checkpointing: bool, folder: str,
+             previews: bool = False):
+    """train_tlora with the paper's settings at rank 64; returns (wall gaps, cpu gaps, adapter bytes,
+    wall seconds of each preview)."""
+    from tlora_pack.trainer.preview import PreviewSettings
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import train_tlora
     settings = TrainSettings(variant=variant, rank=RANK, min_rank=MIN_RANK, steps=steps, learning_rate=LR,
                              resolution=image.shape[1], gradient_checkpointing=checkpointing, targets=targets,
                              training_dtype=train_dtype(), prompt=PROMPT)
+    look = PreviewSettings(every=PREVIEW_EVERY if previews else 0, steps=PREVIEW_STEPS, cfg=PREVIEW_CFG,
+                           prompt=PROMPT + " on the beach")
     stamps = Stamps()
-    result = train_tlora(base, clip, vae, image, None, settings, folder, f"bench/{variant}", progress=stamps)
+    result = train_tlora(base, clip, vae, image, None, settings, folder, f"bench/{variant}", progress=stamps,
+                         previews=look, show_preview=stamps.preview)
     wall, cpu = stamps.gaps()  # stamps at the END of each step: step 0 has no gap, which drops the warm-up
-    return [None] + wall, [None] + cpu, result.tlora.num_values() * 4  # fp32 while training
+    return [None] + wall, [None] + cpu, result.tlora.num_values() * 4, stamps.previews  # fp32 while training
 
 
 # diffusers' UNet2DConditionModel config of SD1.5 (its unet/config.json) and of the tiny test UNet
@@ -152,15 +181,15 @@ PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTS = {"peft": "diffusers + peft LoRA: to_q/k/v/out.0 of every attention (128 Linears)",
           "lora": "this trainer, plain LoRA: the same attention projections",
           "tlora": "this trainer, T-LoRA: the same attention projections",
+          "tlora_preview": "as tlora, + a preview (12 Euler steps, CFG 5) every 2nd step, timed apart",
           "tlora_ff": "this trainer, T-LoRA: attention + feed-forward Linears (160)",
           "native": "TrainLoraNode LoRA: every weight of 2+ dims (Linear + conv) + diffs on all 1-D tensors"}
 
 
 def build_peft(tiny: bool):
-    """(diffusers UNet with a peft LoRA on the attention projections, its trainable parameters), as
-    diffusers' train_dreambooth_lora.py sets it up: base frozen, LoRA parameters in float32."""
+    """The diffusers UNet, frozen, on the device (run_peft adds a fresh peft LoRA to it per run, as
+    diffusers' train_dreambooth_lora.py sets it up: LoRA parameters in float32)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
     device = common.device_kind()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**(TINY_DIFFUSERS if tiny else SD15_DIFFUSERS))
@@ -207,7 +236,7 @@ def run_peft(unet, latent, context, steps: int, checkpointing: bool):
         stamps()
     adapter = common.nbytes(get_peft_model_state_dict(unet).values())
     wall, cpu = stamps.gaps()
-    return [None] + wall[1:], [None] + cpu[1:], adapter
+    return [None] + wall[1:], [None] + cpu[1:], adapter, []
 
 
 def build(names, resolution: int, tiny: bool = False) -> dict:
@@ -239,27 +268,30 @@ def run_variant(name, parts, steps, checkpointing, folder):
         device = next(p["peft"].parameters()).device
         context = p["positive"][0][0].to(device, dtype)
         return run_peft(p["peft"], p["latent"].to(device, dtype), context, steps, checkpointing)
-    variant, targets = ("tlora", "attention+feedforward") if name == "tlora_ff" else (name, "attention")
-    return run_pack(p["base"], p["clip"], p["vae"], p["image"], variant, targets, steps, checkpointing, folder)
+    variant = "tlora" if name in ("tlora_ff", "tlora_preview") else name
+    targets = "attention+feedforward" if name == "tlora_ff" else "attention"
+    return run_pack(p["base"], p["clip"], p["vae"], p["image"], variant, targets, steps, checkpointing, folder,
+                    previews=name == "tlora_preview")
 
 
 def memory_worker(name: str, resolution: int, steps: int, checkpointing: bool, tiny: bool) -> dict:
     parts = build([name], resolution, tiny)
     memory = common.PeakMemory(common.device_kind()).start()
     with tempfile.TemporaryDirectory() as folder:
-        _, _, adapter = run_variant(name, parts, steps, checkpointing, folder)
+        _, _, adapter, _ = run_variant(name, parts, steps, checkpointing, folder)
     return {"variant": name, "peak_bytes": memory.stop(), "adapter_bytes": adapter}
 
 
 def timing_worker(names, resolution: int, steps: int, rounds: int, checkpointing: bool, tiny: bool) -> dict:
     parts = build(names, resolution, tiny)
-    times = {n: {"steps": [], "cpu": []} for n in names}
+    times = {n: {"steps": [], "cpu": [], "previews": []} for n in names}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(rounds):
             for n in names:
-                wall, cpu, _ = run_variant(n, parts, steps, checkpointing, folder)
+                wall, cpu, _, previews = run_variant(n, parts, steps, checkpointing, folder)
                 times[n]["steps"] += wall[1:]
                 times[n]["cpu"] += cpu[1:]
+                times[n]["previews"] += previews
     return {"device": common.device_kind(), "threads": torch.get_num_threads(), "times": times}
 
 
@@ -362,6 +394,7 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
 TIME_PAIRS = [("tlora", "peft", "T-LoRA / peft LoRA", "  (goal <= 1.0x)"),
               ("lora", "peft", "plain LoRA / peft LoRA", "  (goal <= 1.0x)"),
               ("tlora", "lora", "T-LoRA / plain LoRA", "  (goal <= 1.1x)"),
+              ("tlora_preview", "tlora", "steps beside previews / T-LoRA", "  (previews leave steps alone: ~1.0x)"),
               ("tlora_ff", "native", "T-LoRA attn+ff / native", "  (goal <= 0.8x)"),
               ("tlora", "native", "T-LoRA / native", "")]
 
@@ -372,20 +405,35 @@ def report(timing: dict, memory: dict, resolution: int, steps: int, rounds: int,
     print(f"\ndevice {timing['device']} ({timing['threads']} threads); {model}, {resolution} px, batch 1, "
           f"rank {RANK}, gradient checkpointing {'on' if checkpointing else 'off'}; {rounds} rounds x {steps} "
           f"steps per trainer, interleaved, first step of each run not timed")
-    print(f"{'trainer':8} {'wall s/step':>11} {'(min':>6} {'max)':>6} {'CPU s/step':>10} {'n':>3} {'peak MiB':>9} "
+    print(f"{'trainer':13} {'wall s/step':>11} {'(min':>6} {'max)':>6} {'CPU s/step':>10} {'n':>3} {'peak MiB':>9} "
           f"{'adapter MiB':>11}  adapts")
     for v, x in t.items():
         m = memory.get(v, {})
-        print(f"{v:8} {wall[v]:11.2f} {min(x['steps']):6.2f} {max(x['steps']):6.2f} {cpu[v]:10.2f} {len(x['steps']):3d} "
+        print(f"{v:13} {wall[v]:11.2f} {min(x['steps']):6.2f} {max(x['steps']):6.2f} {cpu[v]:10.2f} {len(x['steps']):3d} "
               f"{common.mib(m.get('peak_bytes', 0)):9.1f} {common.mib(m.get('adapter_bytes', 0)):11.1f}  {ADAPTS[v]}")
     for line in (common.ratio_lines(wall, "wall, median", TIME_PAIRS)
                  + common.ratio_lines(cpu, "CPU,  median", TIME_PAIRS)):
         print(line)
+    preview_cost(t, wall)
     peaks = {v: m["peak_bytes"] for v, m in memory.items()}
     kind = "allocator peak" if timing["device"] == "cuda" else "peak RSS"
     for x, y, name, goal in TIME_PAIRS:
         if x in peaks and y in peaks:
             print(f"memory ({kind} above the built model) {name + ':':24} {peaks[x] / peaks[y]:.3f}x{goal}")
+
+
+def preview_cost(times: dict, wall: dict):
+    """The previews' time: per preview, in training steps, and as preview time / training time at the
+    benchmark's every-2-steps and at the train_and_sample workflow's every 100 steps."""
+    import statistics
+    shots = times.get("tlora_preview", {}).get("previews") or []
+    if not shots or "tlora_preview" not in wall:
+        return
+    one, step = statistics.median(shots), wall["tlora_preview"]
+    print(f"previews ({len(shots)}, {PREVIEW_STEPS} Euler steps at CFG {PREVIEW_CFG:g}): "
+          f"median {one:.2f} s each = {one / step:.2f} training steps; preview time / training time: "
+          f"{one / (PREVIEW_EVERY * step):.3f} every {PREVIEW_EVERY} steps, {one / (100 * step):.3f} every 100 steps "
+          f"(the workflow's); the VAE decodes them once after training (not timed)")
 
 
 def main():

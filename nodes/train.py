@@ -1,13 +1,19 @@
 """Node "Train T-LoRA from image": one photo in, a T-LoRA out, on the MODEL ComfyUI already loaded."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import torch
+
 import folder_paths
+import latent_preview
 from comfy.utils import ProgressBar
 from comfy_api.latest import io, ui
+from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..trainer.plot import loss_curve_image
+from ..trainer.preview import PreviewSettings
 from ..trainer.runtime import apply_tlora
 from ..trainer.settings import TRAINING_DTYPES, TrainSettings
 from ..trainer.train import model_family, train_tlora
@@ -16,22 +22,44 @@ from ..tlora_core.config import ORTHO_INITS, VARIANTS
 from .common import CATEGORY, TLoraType, user_errors
 
 
-def _progress_reporter(node_id, total: int):
-    """Step counter in the node's progress bar and 'step / loss' text under the node."""
-    bar = ProgressBar(total, node_id=node_id)
-    try:
-        from server import PromptServer
-        server = PromptServer.instance
-    except (ImportError, AttributeError):
-        server = None
-    sid = getattr(server, "client_id", None)  # the client whose prompt is running now
+class NodeProgress:
+    """What the node shows while it trains: the step in its progress bar, 'step / loss' text under it,
+    and each preview image, through ComfyUI's own latent previewer (the one set for the server or the
+    prompt; when that is "none", the cheap latent-to-RGB one: the user asked for previews)."""
 
-    def report(step: int, steps: int, loss: float):
-        bar.update_absolute(step, steps)
-        if server is not None and node_id is not None:
+    def __init__(self, node_id, total: int, model):
+        self.node_id, self.bar = node_id, ProgressBar(total, node_id=node_id)
+        try:
+            from server import PromptServer
+            self.server = PromptServer.instance
+        except (ImportError, AttributeError):
+            self.server = None
+        self.sid = getattr(self.server, "client_id", None)  # the client whose prompt is running now
+        self.model = model
+
+    def __call__(self, step: int, steps: int, loss: float):
+        self.bar.update_absolute(step, steps)
+        if self.server is not None and self.node_id is not None:
             # To the client that queued this prompt (None, e.g. from a script: every client).
-            server.send_progress_text(f"step {step}/{steps}  loss {loss:.4f}", node_id, sid)
-    return report
+            self.server.send_progress_text(f"step {step}/{steps}  loss {loss:.4f}", self.node_id, self.sid)
+
+    def preview(self, step: int, steps: int, latent: torch.Tensor):
+        if self.previewer is not None:
+            self.bar.update_absolute(step, steps, self.previewer.decode_latent_to_preview_image("JPEG", latent))
+
+    @functools.cached_property
+    def previewer(self):  # once per run: a TAESD previewer loads its model
+        fmt = self.model.model.latent_format
+        found = latent_preview.get_previewer(self.model.load_device, fmt)
+        if found is None and fmt.latent_rgb_factors is not None:
+            found = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias,
+                                                       getattr(fmt, "latent_rgb_factors_reshape", None))
+        return found
+
+
+def fill_prompt(template: str, trigger: str, class_word: str, prompt: str = "") -> str:
+    """A prompt template with {trigger}, {class} and (for the preview prompt) {prompt} filled in."""
+    return template.replace("{prompt}", prompt).replace("{trigger}", trigger).replace("{class}", class_word)
 
 
 class TLoraTrainFromImage(io.ComfyNode):
@@ -102,11 +130,28 @@ class TLoraTrainFromImage(io.ComfyNode):
                                       tooltip="Optional: the training prompt already encoded by your model's own "
                                               "text-encoder nodes (e.g. CLIPTextEncode + FluxGuidance). Used "
                                               "instead of clip + prompt."),
+                io.Int.Input("preview_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Sample a preview image with the T-LoRA as it is every N steps, shown on this "
+                                     "node and collected in the 'previews' output (0 = off). Costs about "
+                                     "preview_steps x 2 model calls each (see the benchmarks)."),
+                io.String.Input("preview_prompt", default="{prompt} on the beach", optional=True,
+                                tooltip="The previews' prompt: {prompt} is the training prompt; {trigger} and "
+                                        "{class} are filled in. A new context shows whether the prompt still "
+                                        "steers the image. Needs the clip input."),
+                io.Int.Input("preview_steps", default=0, min=0, max=200, optional=True,
+                             tooltip="Euler steps of a preview (fixed seed = this node's seed). 0 = the family's "
+                                     "(12)."),
+                io.Float.Input("preview_cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
+                               tooltip="CFG of the previews. 0 = the family's (SD: 5; Flux: 1 at guidance 3.5; "
+                                       "other DiTs: 4). Distilled models (Flux schnell, Z-Image turbo) want 1."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the trained T-LoRA applied."),
                      TLoraType.Output(display_name="TLORA"),
                      io.String.Output(display_name="file", tooltip="The saved file, relative to models/loras."),
-                     io.Image.Output(display_name="loss_curve")],
+                     io.Image.Output(display_name="loss_curve"),
+                     io.Image.Output(display_name="previews",
+                                     tooltip="Every preview of this run, oldest first. With none (preview_every 0 or "
+                                             "above steps) the nodes it feeds are skipped.")],
             hidden=[io.Hidden.unique_id],
             is_output_node=True)  # writing the file is a goal of its own: a graph of only this node runs
 
@@ -116,21 +161,30 @@ class TLoraTrainFromImage(io.ComfyNode):
                 steps, learning_rate, seed, filename_prefix, clip=None, mask=None, resume=None, init="last",
                 weight_decay=1e-4, exponent=1.0, resolution=0, targets="attention",
                 gradient_checkpointing=False, training_dtype="auto", save_every=0,
-                storage="fp16", conditioning=None) -> io.NodeOutput:
-        recipe = model_family(model.model).recipe.resolve(variant, rank, min_rank, steps)
+                storage="fp16", conditioning=None, preview_every=0, preview_prompt="{prompt} on the beach",
+                preview_steps=0, preview_cfg=0.0) -> io.NodeOutput:
+        family = model_family(model.model)
+        recipe = family.recipe.resolve(variant, rank, min_rank, steps)
         settings = TrainSettings(
             **recipe, exponent=exponent, init=init,
             learning_rate=learning_rate, weight_decay=weight_decay, seed=seed, resolution=resolution,
             targets=targets, gradient_checkpointing=gradient_checkpointing, training_dtype=training_dtype,
             save_every=save_every, storage=storage, trigger=trigger, class_word=class_word,
-            prompt=prompt_template.replace("{trigger}", trigger).replace("{class}", class_word))
+            prompt=fill_prompt(prompt_template, trigger, class_word))
+        look = family.recipe.preview
+        previews = PreviewSettings(every=preview_every, steps=preview_steps or look.steps, cfg=preview_cfg or look.cfg,
+                                   seed=seed, prompt=fill_prompt(preview_prompt, trigger, class_word, settings.prompt),
+                                   guidance=look.guidance)
         loras_dir = folder_paths.get_folder_paths("loras")[0]
+        progress = NodeProgress(cls.hidden.unique_id, settings.steps, model)
         result = train_tlora(model, clip, vae, image, mask, settings, loras_dir, filename_prefix, resume,
-                             progress=_progress_reporter(cls.hidden.unique_id, settings.steps),
-                             conditioning=conditioning)
+                             progress=progress, conditioning=conditioning, previews=previews,
+                             show_preview=progress.preview)
         patched, _ = apply_tlora(model, result.tlora, 1.0)
         name = result.saved[-1].relative_to(Path(loras_dir).resolve()).as_posix()
-        return io.NodeOutput(patched, result.tlora, name, loss_curve_image(result.losses),
+        # No previews (off, or every > steps): nodes on that output are skipped, not fed an empty batch
+        shown = result.previews if result.previews is not None else ExecutionBlocker(None)
+        return io.NodeOutput(patched, result.tlora, name, loss_curve_image(result.losses), shown,
                              ui=ui.PreviewText(name))
 
 

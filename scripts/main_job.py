@@ -4,8 +4,8 @@ Runs workflows/api/train_and_sample.api.json, the API twin of the "train_and_sam
 ComfyUI server started on 127.0.0.1 for this run only, and stops it at the end. Everything the run
 reads and writes lives under --out (default out/main_job): custom_nodes/comfyui-tlora (a link to this
 pack), models/checkpoints (a link to your checkpoint), input (a copy of your image: ComfyUI refuses
-input files that lead outside input/), models/loras (the T-LoRA), output (the samples and the loss
-curve), and comfyui.log. Your ComfyUI tree itself is never modified.
+input files that lead outside input/), models/loras (the T-LoRA), output (the samples, the loss
+curve and the previews taken while training), and comfyui.log. Your ComfyUI tree itself is never modified.
 
 Without --checkpoint it uses a small random-weight SD1.5-shaped model (tests/support/tiny_model.py)
 and small settings, so the whole path runs in a few minutes on a CPU; the pictures are noise-like by
@@ -37,7 +37,7 @@ WORKFLOW = REPO_ROOT / "workflows" / "api" / "train_and_sample.api.json"
 TINY_CHECKPOINT = "tiny_sd15.safetensors"
 SAMPLE_IMAGE = "tlora_sample.png"
 # Small enough for 2 CPU cores: the whole no-argument run takes under 2 minutes of CPU time.
-TINY = {"steps": 30, "rank": 8, "min_rank": 4, "learning_rate": 1e-3, "resolution": 64,
+TINY = {"steps": 30, "rank": 8, "min_rank": 4, "learning_rate": 1e-3, "resolution": 64, "preview_every": 10,
         "sample_steps": 10, "size": 128}
 TEXT_EVENT = 3  # ComfyUI's binary websocket message: node id + progress text
 
@@ -66,12 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--min-rank", type=int, help="r_min: lower = more diversity, higher = more fidelity; 0 = the "
                                                  "model family's recipe")
     t.add_argument("--learning-rate", type=float)
-    t.add_argument("--resolution", type=int, help="training size in px; 0 = from the image, capped at the model's")
+    t.add_argument("--resolution", type=int, help="training size in px; 0 = the model family's native size")
     t.add_argument("--variant", choices=("auto", "tlora", "vanilla_tlora", "ortho_lora", "lora"),
                    help="auto = the model family's recipe")
     t.add_argument("--trigger", help="the rare word that stands for the subject (workflow: sks)")
     t.add_argument("--class-word", help="what the subject is (workflow: dog)")
     t.add_argument("--seed", type=int, help="training seed")
+    t.add_argument("--preview-every", type=int, help="a preview image every N steps, kept in the run folder; "
+                                                     "0 = off (workflow: 100)")
     t.add_argument("--filename-prefix", help="T-LoRA file name under models/loras (workflow: tlora/sks_dog)")
     s = p.add_argument_group("sampling")
     s.add_argument("--prompt", help="positive prompt (workflow: 'a photo of sks dog on the beach, ...')")
@@ -102,6 +104,7 @@ BOUNDS = {
     "learning_rate": ("TLoraTrainFromImage", "learning_rate", 1e-7, 0.1),
     "resolution": ("TLoraTrainFromImage", "resolution", 0, 2048),
     "seed": ("TLoraTrainFromImage", "seed", 0, 0xFFFFFFFF),
+    "preview_every": ("TLoraTrainFromImage", "preview_every", 0, 100000),
     "sample_steps": ("KSampler", "steps", 1, 10000),
     "cfg": ("KSampler", "cfg", 0.0, 100.0),
     "sample_seed": ("KSampler", "seed", 0, 0xFFFFFFFFFFFFFFFF),
@@ -234,7 +237,7 @@ def build_workflow(args, ckpt: str, image: str) -> dict:
     wf[find_node(wf, "LoadImage")]["inputs"]["image"] = image
     train = wf[find_node(wf, "TLoraTrainFromImage")]["inputs"]
     for name in ("steps", "rank", "min_rank", "learning_rate", "resolution", "variant", "trigger",
-                 "class_word", "seed", "filename_prefix"):
+                 "class_word", "seed", "preview_every", "filename_prefix"):
         if pick(name) is not None:
             train[name] = pick(name)
     sampler = wf[find_node(wf, "KSampler")]["inputs"]
@@ -436,12 +439,20 @@ def report(server: ComfyServer, api: dict, entry: dict, started: float):
     tlora = out[find_node(api, "PreviewAny", title="Saved T-LoRA file")]["text"][0]
     tlora_path = server.base_dir / "models" / "loras" / tlora
     samples = [server.output_path(i) for i in out[find_node(api, "SaveImage")]["images"]]
-    curve = None
-    for item in out.get(find_node(api, "PreviewImage", title="Loss curve"), {}).get("images", []):
-        # previews live in temp/, which ComfyUI empties when it starts: keep a copy next to the samples
-        curve = server.base_dir / "output" / Path(tlora).with_name(Path(tlora).stem + "_loss_curve.png")
-        curve.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(server.output_path(item), curve)
+
+    def kept(title: str, name: str) -> list:
+        """A PreviewImage's images (temp/, which ComfyUI empties when it starts), copied next to the samples."""
+        items = out.get(find_node(api, "PreviewImage", title=title), {}).get("images", [])
+        copies = []
+        for n, item in enumerate(items, 1):
+            suffix = f"_{name}.png" if len(items) == 1 else f"_{name}_{n:02d}.png"
+            copies.append(server.base_dir / "output" / Path(tlora).with_name(Path(tlora).stem + suffix))
+            copies[-1].parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(server.output_path(item), copies[-1])
+        return copies
+
+    curves = kept("Loss curve", "loss_curve")
+    previews = kept("Previews while training", "preview")
 
     def show(path):
         return os.path.relpath(path, Path.cwd()) if str(path).startswith(str(Path.cwd())) else str(path)
@@ -450,8 +461,11 @@ def report(server: ComfyServer, api: dict, entry: dict, started: float):
     say(f"  T-LoRA file : {show(tlora_path)}")
     for s in samples:
         say(f"  sample      : {show(s)}")
-    if curve is not None:
-        say(f"  loss curve  : {show(curve)}")
+    for c in curves:
+        say(f"  loss curve  : {show(c)}")
+    if previews:
+        say(f"  previews    : {len(previews)} images, {show(previews[0])} ... (one every "
+            f"{api[find_node(api, 'TLoraTrainFromImage')]['inputs']['preview_every']} steps)")
     say(f"  server log  : {show(server.log_path)}")
     say("To use the T-LoRA in your ComfyUI: copy the file into ComfyUI/models/loras/ and open the "
         "'load_and_sample' template of comfyui-tlora (the pack must be in custom_nodes/).")

@@ -41,16 +41,21 @@ def _sigma_and_t(spec, patcher, fraction):
 
 @pytest.fixture(scope="module", params=list(tf.TINY))
 def trained(request, tmp_path_factory):
-    """(name, patcher, spec, TrainResult) after 2 steps through train_tlora with the family's recipe."""
+    """(name, patcher, spec, TrainResult) after 2 steps through train_tlora with the family's recipe and
+    a preview (2 Euler steps, the family's CFG) after step 2; saved in fp32."""
+    from tlora_pack.trainer.preview import PreviewSettings
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import model_family, train_tlora
 
     name = request.param
     patcher, spec = tf.build(name)
-    recipe = model_family(patcher.model).recipe.resolve("auto", RANK, MIN_RANK, 2)
-    settings = TrainSettings(**recipe, learning_rate=1e-3, resolution=64)
+    family = model_family(patcher.model)
+    recipe = family.recipe.resolve("auto", RANK, MIN_RANK, 2)
+    settings = TrainSettings(**recipe, learning_rate=1e-3, resolution=64, storage="fp32")
+    look = PreviewSettings(every=2, steps=2, cfg=family.recipe.preview.cfg, guidance=family.recipe.preview.guidance)
     result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 80, 64, 3), None, settings,
-                         str(tmp_path_factory.mktemp(name)), f"fam/{name}", conditioning=tf.conditioning(spec))
+                         str(tmp_path_factory.mktemp(name)), f"fam/{name}", conditioning=tf.conditioning(spec),
+                         previews=look)
     return name, patcher, spec, result
 
 
@@ -172,6 +177,29 @@ def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
     want = predict_x0(apply_tlora(patcher, tlora, 1.0)[0], cond, x, [sigma])
     got = predict_x0(loaded, cond, x, [sigma])
     assert (got - want).norm() / want.norm() < 1e-5
+
+
+def test_the_preview_is_what_ksampler_makes_with_the_saved_file(trained):
+    """Without a CLIP the preview samples the training conditioning, against a zeroed negative at the
+    family's CFG: the image equals KSampler (euler, simple, same seed) on the file through Apply."""
+    import comfy.sample
+    from tlora_pack.trainer.preview import zeroed
+    from tlora_pack.trainer.runtime import apply_tlora
+    from tlora_pack.trainer.train import model_family
+
+    name, patcher, spec, result = trained
+    cfg = model_family(patcher.model).recipe.preview.cfg
+    positive = tf.conditioning(spec)
+    patched, _ = apply_tlora(patcher, result.tlora, 1.0)
+    empty = torch.zeros(tf.latent_shape(patcher, spec, 1, 64))
+    latent = comfy.sample.sample(patched, comfy.sample.prepare_noise(empty, 0), 2, cfg, "euler", "simple", positive,
+                                 zeroed(positive), empty, seed=0, disable_pbar=True)
+    expected = tf.stub_vae(patcher, spec).decode(latent).reshape(-1, 64, 64, 3)
+    assert result.previews is not None and tuple(result.previews.shape) == (1, 64, 64, 3), name
+    assert torch.allclose(result.previews, expected, atol=1e-4), (name, (result.previews - expected).abs().max())
+    bare = comfy.sample.sample(patcher, comfy.sample.prepare_noise(empty, 0), 2, cfg, "euler", "simple", positive,
+                               zeroed(positive), empty, seed=0, disable_pbar=True)
+    assert not torch.allclose(latent, bare, atol=1e-6), f"{name}: the T-LoRA must change the preview"
 
 
 @pytest.mark.parametrize("trained", ["flux_dev"], indirect=True)

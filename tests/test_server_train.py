@@ -1,4 +1,6 @@
 """Train T-LoRA from image through a real ComfyUI server's HTTP API, then Load T-LoRA on the saved file."""
+import io
+
 import numpy as np
 from PIL import Image
 
@@ -76,3 +78,30 @@ def test_training_shows_step_and_loss_to_the_client_that_queued_it(comfy_server)
     assert [t.split("  ")[0] for t in texts] == [f"step {k}/4" for k in range(1, 5)], texts
     assert all(float(t.split("loss ")[1]) >= 0 for t in texts)
     assert not [e for e in other if e[0] == "text"], "training text went to a client that did not queue it"
+
+
+def test_previews_reach_the_client_while_training_and_come_out_as_one_batch(comfy_server):
+    """preview_every 2 of 4 steps: a preview image on the websocket right after steps 2 and 4 (with the
+    node's progress at that step), and the node's 'previews' output holds floor(4 / 2) images."""
+    wf = _train_workflow()
+    wf["3"]["inputs"].update(steps=4, seed=7, filename_prefix="tlora/preview_test", preview_every=2, preview_steps=2)
+    wf = {k: wf[k] for k in ("1", "2", "3")}
+    wf["20"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 4], "filename_prefix": "tlora_previews"}}
+    listener = comfy_server.listen()
+    try:
+        prompt_id = comfy_server.post_prompt(wf)
+        events = listener.until_done(prompt_id)
+    finally:
+        listener.close()
+    entry = comfy_server.wait(prompt_id)
+    seen, step = [], 0
+    for event in events:
+        if event[0] == "json" and event[1]["type"] == "progress" and event[1]["data"].get("node") == "3":
+            step = event[1]["data"]["value"]
+        elif event[0] == "preview":
+            seen.append((step, Image.open(io.BytesIO(event[1])).size))
+    assert [s for s, _ in seen] == [2, 4], seen
+    assert all(w > 0 and h > 0 for _, (w, h) in seen)
+    saved = entry["outputs"]["20"]["images"]
+    assert len(saved) == 2
+    assert all(Image.open(comfy_server.output_path(item)).size == (64, 64) for item in saved)

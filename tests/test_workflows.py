@@ -170,6 +170,8 @@ def shrink(api: dict, name: str, tlora_file: str | None = None) -> dict:
             inputs["image"] = "tlora_sample.png"
         elif kind == "TLoraTrainFromImage":
             inputs.update(TINY, filename_prefix=f"wf_test/{name}_{inputs['variant']}")
+            if inputs.get("preview_every"):  # one preview, at the last step
+                inputs.update(preview_every=TINY["steps"], preview_steps=2)
         elif kind == "KSampler":
             inputs["steps"] = 2
         elif kind == "EmptyLatentImage":
@@ -219,6 +221,8 @@ def test_train_and_sample_runs(comfy_server, train_run):
     assert [s.shape for s in samples] == [(SIZE, SIZE, 3)]
     curves = images_of(comfy_server, entry, find_node(api, "PreviewImage", title="Loss curve"))
     assert len(curves) == 1 and curves[0].ndim == 3 and min(curves[0].shape[:2]) >= 64
+    previews = images_of(comfy_server, entry, find_node(api, "PreviewImage", title="Previews while training"))
+    assert [p.shape for p in previews] == [(SIZE, SIZE, 3)]
 
 
 def test_load_and_sample_runs_and_reproduces_the_trained_sample(comfy_server, train_run):
@@ -283,7 +287,7 @@ def test_main_job_runs_the_workflow_headless(comfy, tiny_sd15_checkpoint, sample
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "main_job.py"), "--checkpoint", str(tiny_sd15_checkpoint),
            "--image", str(sample_image), "--comfyui", str(comfy.dir), "--out", str(out), "--device", "cpu",
            "--steps", "2", "--rank", "4", "--min-rank", "2", "--resolution", "64", "--sample-steps", "2",
-           "--size", "64", "--filename-prefix", "tlora/main_job_test"]
+           "--size", "64", "--preview-every", "1", "--filename-prefix", "tlora/main_job_test"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log
@@ -294,6 +298,8 @@ def test_main_job_runs_the_workflow_headless(comfy, tiny_sd15_checkpoint, sample
     [sample] = sorted((out / "output" / "tlora").glob("sample_*.png"))
     assert Image.open(sample).size == (SIZE, SIZE)
     assert (out / "output" / "tlora" / "main_job_test_00001_loss_curve.png").is_file(), log
+    previews = sorted((out / "output" / "tlora").glob("main_job_test_00001_preview_*.png"))
+    assert [Image.open(p).size for p in previews] == [(SIZE, SIZE)] * 2 and "previews    : 2 images" in log, log
     # the server was stopped: nothing listens on its port any more
     port = int(log.split("http://127.0.0.1:")[1].split()[0])
     import socket

@@ -72,6 +72,16 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """How the Train node samples its preview images for a family: Euler steps, CFG scale and, for
+    guidance-distilled models, the guidance to sample at (not the training guidance)."""
+
+    steps: int = 12
+    cfg: float = 5.0
+    guidance: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Training defaults of a family (what "auto" / 0 stand for on the Train node)."""
 
@@ -81,6 +91,7 @@ class Recipe:
     steps: int
     resolution: int                   # native training size in px
     guidance: Optional[float] = None  # guidance while training, for guidance-distilled models
+    preview: Preview = Preview()
 
     def resolve(self, variant: str = AUTO, rank: int = 0, min_rank: int = 0, steps: int = 0) -> dict:
         """Concrete settings where the node says "auto" (variant) or 0 (rank, r_min, steps).
@@ -129,8 +140,10 @@ def _unet_attention() -> dict:
 
 
 PAPER = Recipe("tlora", 64, 32, 800, 1024)
-FLUX_REFERENCE = Recipe("vanilla_tlora", 32, 1, 1000, 1024, guidance=1.0)
-FLOW_DIT = Recipe("vanilla_tlora", 32, 1, 1000, 1024)  # the FLUX recipe, for DiTs without guidance input
+# Previews: CFG 1 at ComfyUI's default guidance 3.5 for guidance-distilled Flux, CFG 4 for the other DiTs.
+FLUX_REFERENCE = Recipe("vanilla_tlora", 32, 1, 1000, 1024, guidance=1.0, preview=Preview(cfg=1.0, guidance=3.5))
+FLOW_DIT = Recipe("vanilla_tlora", 32, 1, 1000, 1024,  # the FLUX recipe, for DiTs without guidance input
+                  preview=Preview(cfg=4.0))
 QKV = ("q", "k", "v")
 
 _FLUX_ATTENTION = (

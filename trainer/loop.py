@@ -18,6 +18,7 @@ import comfy.model_sampling as ms_lib
 import comfy.samplers
 
 from ..tlora_core.errors import TLoraError
+from .preview import PreviewSettings, sample_preview
 
 
 def draw_sigmas(model_sampling, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -53,10 +54,11 @@ def saved_copies(enabled: bool):
 
 
 class PositiveOnlyGuider(comfy.samplers.CFGGuider):
-    """Guidance scale 1 with the training prompt only: one model evaluation per step, no CFG batch."""
+    """Guidance scale 1 with the training prompt only: one model evaluation per step, no CFG batch.
+    `extra` conditions (the previews') are processed with it and read by their own code."""
 
-    def set_conds(self, positive):
-        self.inner_set_conds({"positive": positive})
+    def set_conds(self, positive, **extra):
+        self.inner_set_conds({"positive": positive, **extra})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, self.conds.get("positive"),
@@ -65,12 +67,13 @@ class PositiveOnlyGuider(comfy.samplers.CFGGuider):
 
 @dataclass
 class LoopHooks:
-    """Callbacks of the surrounding run: one step finished, time to save, check for cancel."""
+    """Callbacks of the surrounding run: one step finished, time to save, a preview latent made."""
 
     on_step: Callable[[int, float], None]
     should_save: Callable[[int], bool]
     save: Callable[[int], None]
     start_step: int = 0
+    on_preview: Optional[Callable[[int, torch.Tensor], None]] = None
 
 
 class TrainSampler(comfy.samplers.Sampler):
@@ -78,9 +81,9 @@ class TrainSampler(comfy.samplers.Sampler):
 
     def __init__(self, pixel_weights: Optional[torch.Tensor], batch_size: int, optimizer: torch.optim.Optimizer,
                  steps: int, seed: int, autocast_dtype: Optional[torch.dtype], hooks: LoopHooks, runtime,
-                 copy_saved: bool = False):
+                 copy_saved: bool = False, previews: Optional[PreviewSettings] = None):
         self.pixel_weights, self.batch_size, self.optimizer = pixel_weights, batch_size, optimizer
-        self.runtime, self.copy_saved = runtime, copy_saved
+        self.runtime, self.copy_saved, self.previews = runtime, copy_saved, previews
         self.steps, self.autocast_dtype, self.hooks = steps, autocast_dtype, hooks
         self.generator = torch.Generator(device="cpu").manual_seed(seed + hooks.start_step)
 
@@ -95,7 +98,14 @@ class TrainSampler(comfy.samplers.Sampler):
             self.hooks.on_step(step + 1, loss)
             if self.hooks.should_save(step + 1):
                 self.hooks.save(step + 1)
+            if self.previews is not None and self.previews.due(step + 1):
+                with torch.no_grad(), self.autocast(latents.device):
+                    preview = sample_preview(model_wrap, extra_args, latents[:1], self.previews, self.max_denoise)
+                self.hooks.on_preview(step + 1, preview)
         return latent_image
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def one_step(self, model_wrap, model_sampling, latents, weights, extra_args) -> float:
         n = self.batch_size
@@ -104,8 +114,7 @@ class TrainSampler(comfy.samplers.Sampler):
         sigma = draw_sigmas(model_sampling, n, self.generator).to(x0.device, torch.float32)
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
         xt = model_sampling.noise_scaling(sigma, noise, x0, False)
-        with torch.autocast(x0.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
-                saved_copies(self.copy_saved):
+        with self.autocast(x0.device), saved_copies(self.copy_saved):
             denoised = model_wrap(xt, sigma, **extra_args)
         err = (denoised.float() - x0.float()) ** 2
         dims = tuple(range(1, err.dim()))  # [batch, channels, (frames,) height, width]

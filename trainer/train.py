@@ -22,6 +22,7 @@ from ..tlora_core.init import init_factors
 from .data import prepare_images
 from .files import next_free_path
 from .loop import LoopHooks, PositiveOnlyGuider, TrainSampler, saved_copies
+from .preview import PreviewSettings, preview_conditions
 from .resume import capture, check_family_and_image, images_id, restore_optimizer, save_with_state, state_for
 from .runtime import apply_tlora
 from .settings import TrainSettings
@@ -34,6 +35,7 @@ class TrainResult:
     tlora: TLora            # the trained T-LoRA as read back from its final file
     saved: list[Path]       # every file written, oldest first
     losses: list[float]
+    previews: Optional[torch.Tensor] = None  # IMAGE batch [n, H, W, 3] of this run's previews, oldest first
 
 
 def model_family(base_model) -> Family:
@@ -199,9 +201,14 @@ def encode(vae, positive, pixels: torch.Tensor, weights: Optional[torch.Tensor])
         lw = None
         if weights is not None:
             lw = F.interpolate(weights.unsqueeze(1).float(), size=latents.shape[-2:], mode="area").clone()
-        positive = [[c[0].clone(), {k: (v.clone() if torch.is_tensor(v) else v) for k, v in c[1].items()}]
-                    for c in positive]
-    return latents, lw, positive
+    return latents, lw, plain_conditioning(positive)
+
+
+def plain_conditioning(conditioning):
+    """A copy of a CONDITIONING made of ordinary tensors (not inference tensors, no autograd history)."""
+    with torch.no_grad():
+        return [[c.clone(), {k: (v.clone() if torch.is_tensor(v) else v) for k, v in extra.items()}]
+                for c, extra in conditioning]
 
 
 @contextlib.contextmanager
@@ -266,10 +273,14 @@ def resolve_dtype(name: str, device) -> Optional[torch.dtype]:
 
 def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tensor], settings: TrainSettings,
                 output_folder: str, prefix: str, resume: Optional[TLora] = None,
-                progress: Optional[Callable[[int, int, float], None]] = None, conditioning=None) -> TrainResult:
+                progress: Optional[Callable[[int, int, float], None]] = None, conditioning=None,
+                previews: Optional[PreviewSettings] = None,
+                show_preview: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> TrainResult:
     """Train a T-LoRA on `model` (never modified) and save it under output_folder/prefix_NNNNN.safetensors.
 
-    The prompt is encoded with `clip` unless a ready `conditioning` is given.
+    The prompt is encoded with `clip` unless a ready `conditioning` is given. With `previews`, an image
+    is sampled every `previews.every` steps; `show_preview(step, steps, latent)` gets each one at once
+    (sampler latent space), and the result holds them all decoded with `vae`.
     """
     family = model_family(model.model)
     base_model = type(model.model.model_config).__name__
@@ -287,6 +298,8 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
     next_free_path(output_folder, prefix)  # refuse a bad file name before training, not after
     saved: list[Path] = []
     losses: list[float] = []
+    preview_latents: list[torch.Tensor] = []  # ready for the VAE (process_latent_out), on the CPU
+    previews = previews if previews is not None and previews.every > 0 else None
     history = list(state.losses) if state is not None else []  # every step's loss, earlier runs included
     device = mm.get_torch_device()
     with torch.inference_mode(False), torch.enable_grad():
@@ -296,6 +309,9 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
             tlora = TLora(config, new_factors(sites, settings, config.ortho, device))
         else:  # the exact float32 factors of the state when there is one (the file may hold 16-bit values)
             tlora = TLora(config, dict(state.factors if state is not None else resume.layers))
+        with torch.no_grad():
+            extra_conds = {} if previews is None else {
+                k: plain_conditioning(c) for k, c in preview_conditions(clip, positive, previews).items()}
         params = make_trainable(tlora, device)
         patched, runtime = apply_tlora(model, tlora, 1.0)
         patched.set_injections(f"{runtime.key}-training", [inference_weight_copies()])
@@ -319,16 +335,21 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
             if progress is not None:
                 progress(step, settings.steps, loss)
 
-        hooks = LoopHooks(on_step=on_step, save=save, start_step=start,
+        def on_preview(step: int, latent: torch.Tensor):
+            preview_latents.append(model.model.process_latent_out(latent.float()).cpu())
+            if show_preview is not None:
+                show_preview(step, settings.steps, latent)
+
+        hooks = LoopHooks(on_step=on_step, save=save, start_step=start, on_preview=on_preview,
                           should_save=lambda step: step < settings.steps and settings.save_every > 0
                           and step % settings.save_every == 0)
         sampler = TrainSampler(pixel_weights, settings.batch_size, optimizer, settings.steps, settings.seed,
                                resolve_dtype(settings.training_dtype, device), hooks, runtime,
-                               copy_saved=family.inplace_residuals)
+                               copy_saved=family.inplace_residuals, previews=previews)
         if state is not None:
             sampler.generator.set_state(state.rng)
         guider = PositiveOnlyGuider(patched)
-        guider.set_conds(positive)
+        guider.set_conds(positive, **extra_conds)
         try:
             with frozen_base(model.model), checkpointed_blocks(model.model.diffusion_model,
                                                                 settings.gradient_checkpointing,
@@ -354,7 +375,18 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
                           f"Last good file: {saved[-1]}." if saved else "No file was saved.")
             raise
     # Hand on exactly what the file holds, so sampling now and loading the file later agree bit for bit.
-    return TrainResult(load_tlora(saved[-1]), saved, losses)
+    return TrainResult(load_tlora(saved[-1]), saved, losses, decode_previews(vae, preview_latents))
+
+
+def decode_previews(vae, latents: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The preview latents as one IMAGE batch, decoded after training (the VAE never competes with the
+    model being trained for memory); None when there were none."""
+    if not latents:
+        return None
+    with torch.no_grad():
+        images = vae.decode(torch.cat(latents)).float().cpu()
+    # [n, frames, H, W, 3] from VAEs with a time axis (Qwen-Image's): one batch of frames, as VAEDecode does
+    return images.reshape(-1, *images.shape[-3:]) if images.dim() == 5 else images
 
 
 def check_resume(resume: TLora, config: TLoraConfig, settings: TrainSettings) -> int:

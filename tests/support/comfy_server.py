@@ -214,10 +214,11 @@ class ComfyServer:
 class Listener:
     """What the server pushes to one websocket client: JSON events and the binary progress texts.
 
-    events: ("json", {"type", "data"}) and ("text", node_id, text) in arrival order.
+    events: ("json", {"type", "data"}), ("text", node_id, text) and ("preview", image bytes) in arrival order.
     """
 
     TEXT_EVENT = 3  # server.BinaryEventTypes.TEXT: >I event, >I node id length, node id, utf-8 text
+    PREVIEW_EVENT = 1  # server.BinaryEventTypes.PREVIEW_IMAGE: >I event, >I format, the encoded image
 
     def __init__(self, url: str, timeout: float):
         import websocket  # websocket-client
@@ -231,9 +232,12 @@ class Listener:
         except websocket.WebSocketTimeoutException:
             return None
         if isinstance(msg, bytes):
-            if struct.unpack(">I", msg[:4])[0] == self.TEXT_EVENT:
+            kind = struct.unpack(">I", msg[:4])[0]
+            if kind == self.TEXT_EVENT:
                 size = struct.unpack(">I", msg[4:8])[0]
                 self.events.append(("text", msg[8:8 + size].decode(), msg[8 + size:].decode("utf-8", "replace")))
+            elif kind == self.PREVIEW_EVENT:
+                self.events.append(("preview", msg[8:]))
         else:
             self.events.append(("json", json.loads(msg)))
         return self.events[-1] if self.events else None

@@ -52,8 +52,11 @@ Knobs of "Train T-LoRA from image" (the paper's values are the defaults)
 - variant: tlora (paper) | vanilla_tlora (mask only) | ortho_lora (orthogonal init only) | lora (plain LoRA).
 - trigger + class_word make the training prompt "a photo of sks dog": use both words in your prompts.
 - seed has no randomize control: queueing again reuses the trained T-LoRA instead of training again.
-- optional: mask (white = subject), resolution (0 = the image's size, capped at the model's), targets,
+- optional: mask (white = subject), resolution (0 = the model's native size), targets,
   gradient_checkpointing (less memory, slower), save_every, resume (continue a T-LoRA).
+- preview_every (100 here, 0 = off): an image with the T-LoRA as it is, shown on the node and kept in the
+  'previews' output. The subject appearing while the beach (preview_prompt) stays = good; the photo's
+  background coming back = stop earlier or lower min_rank.
 - strength (on Load / Apply T-LoRA): 0 = the base model exactly, 1 = as trained."""
 
 
@@ -83,21 +86,24 @@ def train_and_sample() -> WorkflowSpec:
     nodes = [
         NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
         NodeSpec(2, "LoadImage", (40, 190), {"image": IMAGE}, "Subject photo", (320, 360)),
-        NodeSpec(3, "TLoraTrainFromImage", (400, 40), dict(PAPER, filename_prefix=TLORA_PREFIX), size=(340, 640)),
+        NodeSpec(3, "TLoraTrainFromImage", (400, 40), dict(PAPER, filename_prefix=TLORA_PREFIX, preview_every=100),
+                 size=(340, 640)),
         NodeSpec(10, "PreviewImage", (400, 730), title="Loss curve", size=(340, 300)),
+        NodeSpec(14, "PreviewImage", (780, 730), title="Previews while training", size=(400, 300)),
         NodeSpec(11, "PreviewAny", (780, 590), title="Saved T-LoRA file", size=(400, 110)),
         _note(12, (1230, 530), (790, 250), KNOBS),
         _note(13, (40, 600), (320, 430),
               "Train a T-LoRA on one photo, then sample with it.\n\n1. Pick your checkpoint (SD-XL as in the "
               "paper, or SD1.5: then set the latent to 512 x 512).\n2. Load ONE photo of the subject.\n"
-              "3. Queue. Training shows 'step / loss' on its node; the file goes to models/loras/"
+              "3. Queue. Training shows 'step / loss' and a preview every 100 steps on its node; the file "
+              "goes to models/loras/"
               f"{TLORA_PREFIX}_NNNNN.safetensors.\n4. Change the prompt and queue again: only sampling runs.\n\n"
               "Reuse the file later with the 'load_and_sample' workflow."),
     ]
     sampling, links = _sampling(4, 780, 40, (3, "MODEL"), (1, "CLIP"), (1, "VAE"), "tlora/sample")
     nodes[3:3] = sampling
     links = [(1, "MODEL", 3, "model"), (1, "CLIP", 3, "clip"), (1, "VAE", 3, "vae"), (2, "IMAGE", 3, "image"),
-             *links, (3, "loss_curve", 10, "images"), (3, "file", 11, "source")]
+             *links, (3, "loss_curve", 10, "images"), (3, "file", 11, "source"), (3, "previews", 14, "images")]
     return WorkflowSpec("train_and_sample", nodes, links)
 
 

@@ -22,8 +22,8 @@ on, the pack's and diffusers' off). The Ortho-LoRA SVD init is swapped for rando
 shapes unless --real-init (setup only, never inside a timed step). CLIP and VAE are the tiny test
 ones (tests/support/tiny_model.py; they run once, to encode); peft gets latents and text embeddings
 of the same shapes.
-Step time: all trainers in ONE child, interleaved round by round, the first step of every run
-(warm-up) left out; wall time and process CPU time (steadier on a shared machine). Peak memory:
+Step time: all trainers in ONE child, interleaved round by round (reversed order every other round),
+the first step of every run (warm-up) left out; wall time and process CPU time (steadier on a shared machine). Peak memory:
 each trainer alone in a child process, peak RSS above the RSS once the base model is built (CUDA:
 allocator peak above the allocation then). Then an estimate of the paper's SD-XL recipe (1024 px,
 rank 64, 800 steps, batch 1) on one A100-class GPU, from FLOPs and saved activations counted on the
@@ -286,8 +286,8 @@ def timing_worker(names, resolution: int, steps: int, rounds: int, checkpointing
     parts = build(names, resolution, tiny)
     times = {n: {"steps": [], "cpu": [], "previews": []} for n in names}
     with tempfile.TemporaryDirectory() as folder:
-        for _ in range(rounds):
-            for n in names:
+        for r in range(rounds):
+            for n in common.round_order(names, r):
                 wall, cpu, _, previews = run_variant(n, parts, steps, checkpointing, folder)
                 times[n]["steps"] += wall[1:]
                 times[n]["cpu"] += cpu[1:]
@@ -441,7 +441,8 @@ def main():
     parser.add_argument("--trainers", default="peft,lora,tlora,tlora_ff,native", help=", ".join(ADAPTS))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="steps per run (the first is a warm-up, not timed)")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the trainers")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds over the trainers (every other one in reverse order)")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off")
     parser.add_argument("--estimate-only", action="store_true", help="only the SD-XL estimate (meta device, ~1 min)")

@@ -290,3 +290,25 @@ def test_gradient_checkpointing_of_flux_blocks_gives_the_same_gradients(tmp_path
         train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 64, 64, 3), None, settings,
                     str(tmp_path / str(checkpointing)), "gc/flux", conditioning=tf.conditioning(spec))
     assert_same_gradients(grads[False], grads[True])
+
+
+@pytest.mark.parametrize("trained", ["flux_dev"], indirect=True)
+def test_fused_slices_share_one_weight_function_per_weight(trained):
+    """q, k, v of one fused qkv (and of linear1) are patched in one copy of the weight per call, not one
+    whole-weight copy per slice; slices that would overlap (two keys on the same rows) get their own."""
+    import types
+    from tlora_pack.trainer.runtime import apply_tlora, shared_weight_functions
+
+    _, patcher, _, result = trained
+    _, runtime = apply_tlora(patcher, result.tlora)
+    per_module = {path: [len(f.layers) for f in fns] for path, fns in runtime.weight_functions.items()}
+    assert per_module["diffusion_model.double_blocks.0.img_attn.qkv"] == [3]
+    assert per_module["diffusion_model.single_blocks.0.linear1"] == [3]
+    assert per_module["diffusion_model.double_blocks.0.img_attn.proj"] == [1]
+
+    def layer(rows):
+        return types.SimpleNamespace(target=types.SimpleNamespace(module_path="m", rows=rows))
+    a, b, again = layer((0, 4)), layer((4, 4)), layer((0, 4))
+    groups = shared_weight_functions([b, again, a])["m"]
+    assert sorted(len(g.layers) for g in groups) == [1, 2]
+    assert all(g.layers == sorted(g.layers, key=lambda x: x.target.rows[0]) for g in groups)

@@ -6,7 +6,8 @@ How it enters ComfyUI (each with its undo, under a key of its own so several T-L
 - a PatcherInjection adds, on inject, two hooks to every adapted Linear and removes them on eject:
   * a `weight_function` (ComfyUI's per-forward weight hook, also used by its low-VRAM patches) that
     returns W + strength * dW(t) in one addmm when every row of the batch shares one t (CFG halves
-    share their sigma): out*in*k extra work, independent of the number of tokens;
+    share their sigma): out*in*k extra work, independent of the number of tokens; one per Linear,
+    whatever the number of fused slices adapted on it (one copy of the weight per call);
   * a forward hook that adds strength * dW(t_i) x_i to the output instead, per sample when rows carry
     different t, and for layers whose input has so few rows that this is cheaper (cross-attention
     keys/values, the deepest blocks).
@@ -168,12 +169,14 @@ class AdaptedLayer:
     def pre_hook(self, module, args):
         self.rows = args[0].numel() // args[0].shape[-1]
 
-    def weight_function(self, weight: torch.Tensor) -> torch.Tensor:
+    def new_rows(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """This layer's rows of W + strength * dW(t), in the weight's dtype, when this call adds dW on the
+        weight; None when the forward hook adds it on the activations instead."""
         self.on_weight = False
         call = self.runtime.current
         if (call is None or not call.uniform or self.runtime.strength == 0 or self.cheaper_on_activations(call)
                 or not weight_path_exact(self.module, weight)):
-            return weight
+            return None
         self.on_weight = True
         # Training builds dW in float32 (a difference of two close products; autocast may still lower it).
         dtype, strength = torch.float32 if self.trained else compute_dtype(weight), self.runtime.strength
@@ -185,8 +188,7 @@ class AdaptedLayer:
         else:
             left, right = self.stacked(weight.device, dtype, call.active)
             new = torch.addmm(rows, left, right, alpha=strength)
-        new = new.to(weight.dtype)
-        return new if self.target.rows is None else torch.cat([weight[:offset], new, weight[offset + size:]])
+        return new.to(weight.dtype)
 
     def delta(self, x: torch.Tensor, masks: Optional[torch.Tensor], k: int) -> torch.Tensor:
         """dW(t) x of the first k components (masks: per row, or None when all rows keep them)."""
@@ -205,6 +207,44 @@ class AdaptedLayer:
                          self.target.rows)
 
 
+class SharedWeightFunction:
+    """The one `weight_function` of a Linear for this runtime's adapters on it: a whole Linear's, or the
+    slices of a fused weight (Flux's q, k, v of one qkv). The patched weight is built in ONE copy, the
+    untouched rows and each slice's W + dW side by side, instead of one whole-weight copy per slice."""
+
+    def __init__(self, layers: list):
+        self.layers = layers  # ordered by row offset, rows not overlapping
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        pieces, cursor = [], 0
+        for layer in self.layers:
+            new = layer.new_rows(weight)
+            if new is None:
+                continue
+            offset, size = layer.target.rows or (0, weight.shape[0])
+            pieces += [weight[cursor:offset], new]
+            cursor = offset + size
+        if not pieces:
+            return weight
+        pieces = [p for p in pieces + [weight[cursor:]] if p.shape[0]]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def shared_weight_functions(layers: list) -> dict[str, list[SharedWeightFunction]]:
+    """module path -> the SharedWeightFunctions of its adapters: slices sorted by row, a new function
+    only where rows would overlap (two keys of one file on the same rows: each adds its own dW)."""
+    by_module: dict[str, list[list]] = {}
+    for layer in sorted(layers, key=lambda a: (a.target.module_path, (a.target.rows or (0, 0))[0])):
+        offset, size = layer.target.rows or (0, 1 << 62)
+        groups = by_module.setdefault(layer.target.module_path, [])
+        group = next((g for g in groups if g[-1][1] <= offset), None)
+        if group is None:
+            groups.append(group := [])
+        group.append((layer, offset + size))
+    return {path: [SharedWeightFunction([layer for layer, _ in g]) for g in groups]
+            for path, groups in by_module.items()}
+
+
 class TLoraRuntime:
     """One application of a T-LoRA on one ModelPatcher (create it through `apply_tlora`)."""
 
@@ -214,6 +254,7 @@ class TLoraRuntime:
         self.layers = [AdaptedLayer(self, t, tlora.layers[k]) for k, t in targets.items()]
         self.current: Optional[CallMasks] = None
         self.last: Optional[CallMasks] = None  # masks of the latest call, for gradient-checkpoint replays
+        self.weight_functions = shared_weight_functions(self.layers)
 
     def masks_for(self, t: torch.Tensor, device) -> CallMasks:
         s = self.schedule
@@ -246,18 +287,21 @@ class TLoraRuntime:
             module = model.get_submodule(layer.target.module_path)
             layer.module = module
             layer.trained = any(t.requires_grad for t in layer.factors.tensors().values())
-            # Instance list, never the class attribute shared by every Linear. A plain torch Linear
-            # ignores weight_function: on_weight then stays False and the forward hook adds dW.
-            module.weight_function = list(getattr(module, "weight_function", [])) + [layer.weight_function]
             layer.handles = [module.register_forward_pre_hook(layer.pre_hook),
                              module.register_forward_hook(layer.forward_hook)]
+        for path, functions in self.weight_functions.items():
+            module = model.get_submodule(path)
+            # Instance list, never the class attribute shared by every Linear. A plain torch Linear
+            # ignores weight_function: on_weight then stays False and the forward hook adds dW.
+            module.weight_function = list(getattr(module, "weight_function", [])) + functions
 
     def eject(self, patcher):
         model = patcher.model
-        for layer in self.layers:
-            module = model.get_submodule(layer.target.module_path)
+        for path, functions in self.weight_functions.items():
+            module = model.get_submodule(path)
             module.weight_function = [f for f in getattr(module, "weight_function", [])
-                                      if f != layer.weight_function]
+                                      if not any(f is mine for mine in functions)]
+        for layer in self.layers:
             for handle in layer.handles:
                 handle.remove()
             layer.handles = []

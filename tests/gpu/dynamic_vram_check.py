@@ -142,12 +142,12 @@ def weight_function_calls():
     from tlora_pack.trainer import runtime as rt
 
     counter = types.SimpleNamespace(n=0)
-    real = rt.AdaptedLayer.weight_function
+    real = rt.SharedWeightFunction.__call__
 
     def counted(self, weight):
         counter.n += 1
         return real(self, weight)
-    rt.AdaptedLayer.weight_function = counted
+    rt.SharedWeightFunction.__call__ = counted
     return counter
 
 

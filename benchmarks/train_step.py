@@ -8,7 +8,7 @@ lr 1e-4, betas (0.9, 0.999), weight decay 1e-4, eps 1e-8. What each row adapts:
             attention (128 Linears), epsilon-MSE loss: the like-for-like baseline of `lora` and `tlora`.
   lora      this pack's trainer, variant "lora" (plain LoRA), the same 128 attention projections.
   tlora     this pack's trainer, variant "tlora" (Ortho-LoRA, frozen base copies, rank mask), same layers.
-  tlora_preview  as tlora, with a preview image (12 Euler steps, CFG 5) after every 2nd step; its steps
+  tlora_preview  as tlora, with a preview image (the SD family's: 12 Euler steps, CFG 5) after every 2nd step; its steps
             are timed without the previews, each preview apart: preview time / training time.
   tlora_ff  this pack's trainer, T-LoRA on attention + feed-forward Linears (160 Linears): the row to
             set beside `native`, which cannot be restricted to fewer layers.
@@ -145,7 +145,13 @@ def fast_ortho_init():
     init.ortho_factors = random_ortho
 
 
-PREVIEW_EVERY, PREVIEW_STEPS, PREVIEW_CFG = 2, 12, 5.0  # the tlora_preview row; SD's preview recipe
+PREVIEW_EVERY = 2  # the tlora_preview row: a preview after every 2nd step, at the SD1.x family's preview recipe
+
+
+def sd_preview():
+    """The SD1.x family's preview recipe (steps, CFG) from the family table."""
+    from tlora_pack.tlora_core.families import family_named
+    return family_named("SD1.x").recipe.preview
 
 
 def run_pack(base, clip, vae, image, variant: str, targets: str, steps: int, checkpointing: bool, folder: str,
@@ -158,7 +164,8 @@ def run_pack(base, clip, vae, image, variant: str, targets: str, steps: int, che
     settings = TrainSettings(variant=variant, rank=RANK, min_rank=MIN_RANK, steps=steps, learning_rate=LR,
                              resolution=image.shape[1], gradient_checkpointing=checkpointing, targets=targets,
                              training_dtype=train_dtype(), prompt=PROMPT)
-    look = PreviewSettings(every=PREVIEW_EVERY if previews else 0, steps=PREVIEW_STEPS, cfg=PREVIEW_CFG,
+    recipe = sd_preview()
+    look = PreviewSettings(every=PREVIEW_EVERY if previews else 0, steps=recipe.steps, cfg=recipe.cfg,
                            prompt=PROMPT + " on the beach")
     stamps = Stamps()
     result = train_tlora(base, clip, vae, image, None, settings, folder, f"bench/{variant}", progress=stamps,
@@ -430,7 +437,8 @@ def preview_cost(times: dict, wall: dict):
     if not shots or "tlora_preview" not in wall:
         return
     one, step = statistics.median(shots), wall["tlora_preview"]
-    print(f"previews ({len(shots)}, {PREVIEW_STEPS} Euler steps at CFG {PREVIEW_CFG:g}): "
+    recipe = sd_preview()
+    print(f"previews ({len(shots)}, {recipe.steps} Euler steps at CFG {recipe.cfg:g}): "
           f"median {one:.2f} s each = {one / step:.2f} training steps; preview time / training time: "
           f"{one / (PREVIEW_EVERY * step):.3f} every {PREVIEW_EVERY} steps, {one / (100 * step):.3f} every 100 steps "
           f"(the workflow's); the VAE decodes them once after training (not timed)")

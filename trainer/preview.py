@@ -25,6 +25,7 @@ import comfy.samplers
 
 from ..tlora_core.config import finite_number, whole_number
 from ..tlora_core.errors import TLoraConfigError
+from ..tlora_core.families import Preview
 
 # The guider's condition keys for previews (processed by ComfyUI with the training condition)
 POSITIVE, NEGATIVE = "tlora_preview_positive", "tlora_preview_negative"
@@ -33,12 +34,14 @@ SCHEDULER = "simple"
 
 @dataclass(frozen=True)
 class PreviewSettings:
-    every: int = 0                    # a preview after every `every` steps; 0: no previews
-    steps: int = 12                   # Euler steps of one preview
-    cfg: float = 5.0
+    """One run's previews: how often, and a family's `Preview` (its defaults here) with the node's overrides."""
+
+    every: int = 0                             # a preview after every `every` steps; 0: no previews
+    steps: int = Preview.steps                 # Euler steps of one preview
+    cfg: float = Preview.cfg
     seed: int = 0
     prompt: str = "a photo of sks dog on the beach"
-    guidance: Optional[float] = None  # for guidance-distilled models (Flux: 3.5)
+    guidance: Optional[float] = Preview.guidance  # for guidance-distilled models (Flux: 3.5)
 
     def __post_init__(self):
         def bad(name, fix):

@@ -235,7 +235,7 @@ def shared_weight_functions(layers: list) -> dict[str, list[SharedWeightFunction
     only where rows would overlap (two keys of one file on the same rows: each adds its own dW)."""
     by_module: dict[str, list[list]] = {}
     for layer in sorted(layers, key=lambda a: (a.target.module_path, (a.target.rows or (0, 0))[0])):
-        offset, size = layer.target.rows or (0, 1 << 62)
+        offset, size = layer.target.rows or (0, 1 << 62)  # a whole Linear covers every row
         groups = by_module.setdefault(layer.target.module_path, [])
         group = next((g for g in groups if g[-1][1] <= offset), None)
         if group is None:

@@ -17,7 +17,7 @@ from ..trainer.preview import PreviewSettings
 from ..trainer.runtime import apply_tlora
 from ..trainer.settings import TRAINING_DTYPES, TrainSettings
 from ..trainer.train import model_family, train_tlora
-from ..tlora_core.families import AUTO, TARGET_SETS
+from ..tlora_core.families import AUTO, OPTIMIZERS, TARGET_SETS
 from ..tlora_core.config import ORTHO_INITS, VARIANTS
 from .common import CATEGORY, TLoraType, user_errors
 
@@ -94,8 +94,10 @@ class TLoraTrainFromImage(io.ComfyNode):
                                      "family's recipe (SD: r/2; Flux: 1 of 32)."),
                 io.Int.Input("steps", default=0, min=0, max=100000,
                              tooltip="Optimiser steps. 0 = the family's recipe (SD: 800, Flux: 1000)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
-                               tooltip="AdamW learning rate (paper: 1e-4)."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=10.0, step=1e-5,
+                               tooltip="Learning rate. 0 = the optimizer's recipe: AdamW 1e-4 (the paper), Prodigy "
+                                       "1.0 (the reference FLUX code; Prodigy finds its own step size and wants "
+                                       "about 1.0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds init, timesteps and noise. Kept as set (no randomize control): "
                                      "queueing again reuses the trained T-LoRA instead of training again."),
@@ -106,7 +108,8 @@ class TLoraTrainFromImage(io.ComfyNode):
                 io.Combo.Input("init", options=list(ORTHO_INITS), default="last",
                                tooltip="Ortho init components: last (paper), middle, principal.", optional=True),
                 io.Float.Input("weight_decay", default=1e-4, min=0.0, max=1.0, step=1e-5,
-                               tooltip="AdamW weight decay (paper: 1e-4).", optional=True),
+                               tooltip="Decoupled weight decay of AdamW or Prodigy (both references: 1e-4).",
+                               optional=True),
                 io.Float.Input("exponent", default=1.0, min=0.05, max=8.0, step=0.05,
                                tooltip="Bends the rank schedule r(t); 1 is the paper's line.", optional=True),
                 io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
@@ -120,9 +123,13 @@ class TLoraTrainFromImage(io.ComfyNode):
                                  tooltip="Recompute activations in the backward pass: less memory, slower steps.",
                                  optional=True),
                 io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
-                               tooltip="auto: bf16 autocast on GPUs that support it, fp32 elsewhere.", optional=True),
-                io.Int.Input("save_every", default=0, min=0, max=100000,
-                             tooltip="Also save every N steps (0 = only at the end).", optional=True),
+                               tooltip="auto: bf16 autocast on GPUs that support it, fp32 elsewhere. fp32 computes "
+                                       "the whole model in float32 (weights stored in 16 or 8 bits are cast up per "
+                                       "layer), as the reference trains SD-XL; fp16 uses a gradient scaler.",
+                               optional=True),
+                io.Int.Input("save_every", default=100, min=0, max=100000,
+                             tooltip="Also save every N steps, to pick the best one afterwards (0 = only at the "
+                                     "end). Both reference recipes save every 100.", optional=True),
                 io.Combo.Input("storage", options=["fp16", "bf16", "fp32"], default="fp16",
                                tooltip="Number format of the saved file. fp16 halves the size at ~4e-4 "
                                        "relative error of the update; fp32 is exact.", optional=True),
@@ -144,6 +151,10 @@ class TLoraTrainFromImage(io.ComfyNode):
                 io.Float.Input("preview_cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="CFG of the previews. 0 = the family's (SD: 5; Flux: 1 at guidance 3.5; "
                                        "other DiTs: 4). Distilled models (Flux schnell, Z-Image turbo) want 1."),
+                io.Combo.Input("optimizer", options=[AUTO, *OPTIMIZERS], default=AUTO, optional=True,
+                               tooltip="auto: the family's recipe. adamw: the paper's (SD 1.x / 2.x / SD-XL). "
+                                       "prodigy: the reference FLUX code's (Flux and the other flow transformers), "
+                                       "with gradients clipped to norm 1.0; needs the prodigyopt package."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the trained T-LoRA applied."),
                      TLoraType.Output(display_name="TLORA"),
@@ -160,14 +171,15 @@ class TLoraTrainFromImage(io.ComfyNode):
     def execute(cls, model, vae, image, trigger, class_word, prompt_template, variant, rank, min_rank,
                 steps, learning_rate, seed, filename_prefix, clip=None, mask=None, resume=None, init="last",
                 weight_decay=1e-4, exponent=1.0, resolution=0, targets="attention",
-                gradient_checkpointing=False, training_dtype="auto", save_every=0,
+                gradient_checkpointing=False, training_dtype="auto", save_every=100,
                 storage="fp16", conditioning=None, preview_every=0, preview_prompt="{prompt} on the beach",
-                preview_steps=0, preview_cfg=0.0) -> io.NodeOutput:
+                preview_steps=0, preview_cfg=0.0, optimizer=AUTO) -> io.NodeOutput:
         family = model_family(model.model)
         recipe = family.recipe.resolve(variant, rank, min_rank, steps)
         settings = TrainSettings(
             **recipe, exponent=exponent, init=init,
-            learning_rate=learning_rate, weight_decay=weight_decay, seed=seed, resolution=resolution,
+            optimizer=optimizer, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
+            resolution=resolution,
             targets=targets, gradient_checkpointing=gradient_checkpointing, training_dtype=training_dtype,
             save_every=save_every, storage=storage, trigger=trigger, class_word=class_word,
             prompt=fill_prompt(prompt_template, trigger, class_word))

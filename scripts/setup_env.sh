@@ -46,6 +46,7 @@ setup_base_venv() {
     [[ -z "$RUNTIME_ONLY" ]] || reqs=requirements-comfyui.txt
     local stamp="$BASE_VENV/.tlora-setup-stamp-${reqs%.txt}"
     local want="$TORCH_PINS
+$(sha requirements.txt)
 $(sha requirements-comfyui.txt)
 $(sha requirements-dev.txt)
 $(sha requirements-test.txt)"
@@ -134,6 +135,7 @@ setup_upstream_venv() {
     local stamp="$venv/.tlora-setup-stamp${RUNTIME_ONLY:+-runtime}"
     local want="$TORCH_PINS $TORCHAUDIO_PIN
 $(sha "$reqs")
+$(sha requirements.txt)
 $(sha requirements-test.txt)"
     if stamp_matches "$stamp" "$want" && [[ -x "$venv/bin/python" ]]; then
         echo "setup_env: $venv up to date"
@@ -147,7 +149,7 @@ $(sha requirements-test.txt)"
     filtered="$(scratch "${TMPDIR:-/tmp}/tlora-reqs.XXXXXX")/requirements.txt"
     grep -Eiv '^[[:space:]]*torchaudio([^[:alnum:]_.-]|$)' "$reqs" > "$filtered"
     # shellcheck disable=SC2086
-    "$venv/bin/python" -m pip install --progress-bar off -r "$filtered" "${tools[@]}" $TORCH_PINS
+    "$venv/bin/python" -m pip install --progress-bar off -r "$filtered" -r requirements.txt "${tools[@]}" $TORCH_PINS
     "$venv/bin/python" -m pip install --progress-bar off --no-deps "$TORCHAUDIO_PIN"
     echo "setup_env: checking that upstream ComfyUI imports comfy.sd on the CPU"
     local py="$PWD/$venv/bin/python"

@@ -58,7 +58,7 @@ def test_high_t_trains_only_the_first_r_t_components(tiny_sd15, tmp_path, monkey
     from tlora_pack.trainer.train import find_target_layers, new_factors
 
     # the noisiest training sigma (t = 999): r(999) = 3 + floor(5 * 1 / 1000) = 3
-    monkeypatch.setattr(loop, "draw_sigmas", lambda ms, n, gen: ms.sigmas[-1:].float().cpu().expand(n))
+    monkeypatch.setattr(loop, "draw_sigmas", lambda kind, ms, n, gen: ms.sigmas[-1:].float().cpu().expand(n))
     result = _train(tiny_sd15, tmp_path, rank=8, min_rank=3, steps=2, weight_decay=0.0, storage="fp32")
     patcher = tiny_sd15[0]
     init = new_factors(find_target_layers(patcher.model, "attention"),

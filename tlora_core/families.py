@@ -18,6 +18,7 @@ gives no recipe.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -82,6 +83,32 @@ class Preview:
 
 
 @dataclass(frozen=True)
+class OptimizerRecipe:
+    """An optimiser as a reference recipe runs it: learning rate, decoupled weight decay and the gradient
+    norm it clips to (0: no clipping). The learning rate stays constant in both reference recipes."""
+
+    name: str
+    learning_rate: float
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 0.0
+
+
+# The reference code's two optimisers. SD-XL (tlora/trainer_sdxl.py): AdamW 1e-4, wd 1e-4, no clipping.
+# FLUX (flux/run.py, flux/optimizer/optimizer.py): Prodigy at lr 1.0, betas 0.9 / 0.999, wd 1e-4
+# decoupled, bias correction and safeguard warm-up on, gradients clipped to norm 1.0.
+OPTIMIZERS = {"adamw": OptimizerRecipe("adamw", 1e-4), "prodigy": OptimizerRecipe("prodigy", 1.0, max_grad_norm=1.0)}
+
+# How a training step draws its noise level. "timestep": t uniform over the model's own training timesteps
+# (SD-XL's reference: 0..999; LCM: its 50). "flow": sigma = k / 1000 with k uniform in 1..1000, unshifted,
+# as the reference FLUX code draws it (weighting "none"), whatever shift the model samples with.
+SIGMA_DRAWS = ("timestep", "flow")
+# How the training square is cut from the photo. "centre": the largest centred square, once (SD-XL's
+# reference). "random": the short side resized to the training size and a new random square every step
+# (the reference FLUX transform).
+CROPS = ("centre", "random")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Training defaults of a family (what "auto" / 0 stand for on the Train node)."""
 
@@ -92,6 +119,12 @@ class Recipe:
     resolution: int                   # native training size in px
     guidance: Optional[float] = None  # guidance while training, for guidance-distilled models
     preview: Preview = Preview()
+    optimizer: str = "adamw"          # a key of OPTIMIZERS
+    sigma_draw: str = "timestep"      # one of SIGMA_DRAWS
+    crop: str = "centre"              # one of CROPS
+    # SD-XL's size embedding as the reference passes it: original size = the source's centred square side,
+    # crop corner (0, 0), target size = the training size.
+    size_conditioning: bool = False
 
     def resolve(self, variant: str = AUTO, rank: int = 0, min_rank: int = 0, steps: int = 0) -> dict:
         """Concrete settings where the node says "auto" (variant) or 0 (rank, r_min, steps).
@@ -139,11 +172,14 @@ def _unet_attention() -> dict:
             "attention+feedforward": (TargetRule(attn), TargetRule(r".*\.ff\.net\.(0\.proj|2)"))}
 
 
-PAPER = Recipe("tlora", 64, 32, 800, 1024)
+PAPER = Recipe("tlora", 64, 32, 800, 1024, size_conditioning=True)
+UNET = Recipe("tlora", 64, 32, 800, 512)  # the paper's recipe at SD 1.x's size (SD 2.x: 768)
+# The reference FLUX code's recipe: Prodigy, sigma = k / 1000 unshifted, a random crop every step.
 # Previews: CFG 1 at ComfyUI's default guidance 3.5 for guidance-distilled Flux, CFG 4 for the other DiTs.
-FLUX_REFERENCE = Recipe("vanilla_tlora", 32, 1, 1000, 1024, guidance=1.0, preview=Preview(cfg=1.0, guidance=3.5))
-FLOW_DIT = Recipe("vanilla_tlora", 32, 1, 1000, 1024,  # the FLUX recipe, for DiTs without guidance input
-                  preview=Preview(cfg=4.0))
+FLUX_REFERENCE = Recipe("vanilla_tlora", 32, 1, 1000, 1024, guidance=1.0, preview=Preview(cfg=1.0, guidance=3.5),
+                        optimizer="prodigy", sigma_draw="flow", crop="random")
+FLOW_DIT = dataclasses.replace(FLUX_REFERENCE, guidance=None,  # the FLUX recipe, for DiTs without guidance input
+                               preview=Preview(cfg=4.0))
 QKV = ("q", "k", "v")
 
 _FLUX_ATTENTION = (
@@ -165,9 +201,9 @@ _QWEN_ATTENTION = (TargetRule(r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|t
                               r"add_v_proj)"),)
 
 FAMILIES: tuple[Family, ...] = (
-    Family("SD1.x", ("SD15", "SD15_instructpix2pix"), _unet_attention(), Recipe("tlora", 64, 32, 800, 512),
+    Family("SD1.x", ("SD15", "SD15_instructpix2pix"), _unet_attention(), UNET,
            "the paper's recipe at SD 1.5's size"),
-    Family("SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH"), _unet_attention(), Recipe("tlora", 64, 32, 800, 768),
+    Family("SD2.x", ("SD20", "SD21UnclipL", "SD21UnclipH"), _unet_attention(), dataclasses.replace(UNET, resolution=768),
            "the paper's recipe at SD 2's size"),
     Family("SD-XL", ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
                      "SDXL_instructpix2pix"), _unet_attention(), PAPER, "the paper's recipe"),

@@ -1,4 +1,5 @@
-"""Turns ComfyUI IMAGE / MASK tensors into the square training crops of the paper (centre crop + resize)."""
+"""Turns ComfyUI IMAGE / MASK tensors into training pixels: the paper's centred square (SD-XL's reference), or
+the short side resized for the random square each step of the reference FLUX recipe (trainer.loop)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -37,14 +38,35 @@ def centre_crop_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
     _, h, w, _ = pixels.shape
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    square = pixels[:, top:top + side, left:left + side, :].movedim(-1, 1)
-    if side != size:
-        square = F.interpolate(square, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return square.clamp(0, 1).movedim(1, -1)
+    return _resize(pixels[:, top:top + side, left:left + side, :], size, size)
 
 
-def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution: int, native: int):
-    """Training pixels [N, S, S, 3] and loss weights [N, S, S] (None without a mask)."""
+def short_side_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, H, W, C] -> the whole image with its short side `size` and the long side in proportion, rounded to
+    a multiple of 64 px (so that a VAE of 8, 16 or 32 px per latent cell encodes all of it)."""
+    _, h, w, _ = pixels.shape
+    long = max(size, round(max(h, w) * size / min(h, w) / 64) * 64)
+    return _resize(pixels, size, long) if h <= w else _resize(pixels, long, size)
+
+
+def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[N, H, W, C] resized (bicubic, antialiased) to [N, height, width, C] in 0..1."""
+    if tuple(pixels.shape[1:3]) == (height, width):
+        return pixels.clamp(0, 1)
+    moved = F.interpolate(pixels.movedim(-1, 1), size=(height, width), mode="bicubic", antialias=True,
+                          align_corners=False)
+    return moved.clamp(0, 1).movedim(1, -1)
+
+
+def source_side(image: torch.Tensor) -> int:
+    """The side of the largest square in the source image (SD-XL's "original size" in the reference)."""
+    return min(image.shape[-3], image.shape[-2])
+
+
+def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution: int, native: int,
+                   crop: str = "centre"):
+    """Training pixels and loss weights (None without a mask): [N, S, S, 3] / [N, S, S] for crop "centre";
+    for "random" the whole image with short side S (the loop cuts a random square each step)."""
     if image.numel() == 0 or image.shape[-2] == 0 or image.shape[-3] == 0:
         raise TLoraError("the IMAGE is empty (size 0); connect a real image.")
     if not bool(torch.isfinite(image).all()):
@@ -58,7 +80,8 @@ def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution
     size = pick_resolution(resolution, native)
     if size > MAX_RESOLUTION:
         raise TLoraError(f"resolution {size} is larger than {MAX_RESOLUTION}; choose a smaller resolution.")
-    pixels = centre_crop_resize(rgb, size)
+    fit = centre_crop_resize if crop == "centre" else short_side_resize
+    pixels = fit(rgb, size)
     if mask is None:
         return pixels, None
     if mask.dim() == 2:
@@ -75,7 +98,7 @@ def prepare_images(image: torch.Tensor, mask: Optional[torch.Tensor], resolution
     if not bool(torch.isfinite(mask).all()):
         raise TLoraError("the MASK holds NaN or infinite values; the node that made it produced an invalid mask. "
                          "Use a mask with values from 0 (ignore) to 1 (subject), or disconnect it.")
-    weights = centre_crop_resize(mask.float().unsqueeze(-1), size)[..., 0]
+    weights = fit(mask.float().unsqueeze(-1), size)[..., 0]
     check_mask_covers_something(mask, weights)
     return pixels, weights.expand(rgb.shape[0], -1, -1)
 
@@ -89,6 +112,6 @@ def check_mask_covers_something(mask: torch.Tensor, weights: torch.Tensor):
                              f"nothing. Paint the subject white (1) in the mask, or disconnect the mask to train on "
                              f"the whole image.")
         if not bool((weights[i] > 0).any()):
-            raise TLoraError(f"{which} covers nothing inside the centred square crop that training uses, so the "
-                             f"T-LoRA would learn nothing. Crop the image around the subject first, or disconnect "
-                             f"the mask.")
+            raise TLoraError(f"{which} covers nothing inside the part of the image that training uses (the centred "
+                             f"square), so the T-LoRA would learn nothing. Crop the image around the subject first, "
+                             f"or disconnect the mask.")

@@ -18,17 +18,51 @@ import comfy.model_sampling as ms_lib
 import comfy.samplers
 
 from ..tlora_core.errors import TLoraError
+from .optim import optimizer_step
 from .preview import PreviewSettings, sample_preview
 
+FLOW_STEPS = 1000  # the reference FLUX code's flow times k / 1000, k = 1..1000
 
-def draw_sigmas(model_sampling, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Noise levels for a training batch: uniform over the model's own sigma table, as the paper draws t
-    uniformly. For discrete models that is t uniform in 0..999; for flow models it is the flow time
-    drawn uniformly and shifted as the model's schedule shifts it (ComfyUI's table for SD3, Flux,
-    Lumina 2, ...); for LCM its 50 original timesteps. The rank mask then follows the sigma actually
-    used (trainer.timesteps), exactly as at inference."""
+
+def draw_sigmas(kind: str, model_sampling, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels for a training batch, as the family's reference recipe draws them (Recipe.sigma_draw).
+
+    "timestep": uniform over the model's own sigma table, as the paper draws t uniformly in 0..999 for
+    SD-XL (LCM: its 50 original timesteps). "flow": sigma = k / 1000 with k uniform in 1..1000, not
+    shifted, as the reference FLUX code draws it, whatever shift the model samples with (a shifted table
+    would put 44 % of Flux-dev's steps above sigma 0.8 instead of 20 %, and starve the components the mask
+    keeps for low noise). The rank mask then follows the sigma actually used (trainer.timesteps), exactly as
+    at inference.
+    """
+    if kind == "flow":
+        if not isinstance(model_sampling, ms_lib.CONST):
+            raise TLoraError(f"sigma_draw 'flow' needs a flow model, but this model samples with "
+                             f"{type(model_sampling).__name__}; use sigma_draw 'timestep' (or auto).")
+        return torch.randint(1, FLOW_STEPS + 1, (batch,), generator=generator).double().div(FLOW_STEPS).float()
     table = model_sampling.sigmas.float()
     return table.cpu()[torch.randint(0, table.shape[0], (batch,), generator=generator)]
+
+
+def random_squares(latents: torch.Tensor, weights: Optional[torch.Tensor], pick: torch.Tensor,
+                   generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """For each picked image, a square of the latents' short side at a random place (the reference FLUX
+    transform's random crop, in latent cells), and the same square of its loss weights."""
+    h, w = latents.shape[-2:]
+    side = min(h, w)
+    tops = torch.randint(0, h - side + 1, (len(pick),), generator=generator).tolist()
+    lefts = torch.randint(0, w - side + 1, (len(pick),), generator=generator).tolist()
+    x0 = torch.stack([latents[i, ..., t:t + side, l:l + side] for i, t, l in zip(pick.tolist(), tops, lefts)])
+    if weights is None:
+        return x0, None
+    return x0, torch.stack([weights[i, ..., t:t + side, l:l + side] for i, t, l in zip(pick.tolist(), tops, lefts)])
+
+
+def centre_square(latents: torch.Tensor) -> torch.Tensor:
+    """The centred square of the latents' short side (what a preview is shaped like)."""
+    h, w = latents.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return latents[..., top:top + side, left:left + side]
 
 
 def loss_weights(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
@@ -76,13 +110,25 @@ class LoopHooks:
     on_preview: Optional[Callable[[int, torch.Tensor], None]] = None
 
 
+@dataclass
+class StepRecipe:
+    """How each step draws its data and updates the factors (from TrainSettings, resolved per family)."""
+
+    batch_size: int = 1
+    sigma_draw: str = "timestep"    # see draw_sigmas
+    random_crop: bool = False       # a random square per step from wider latents (else they are square)
+    max_grad_norm: float = 0.0      # 0: no clipping
+    scaler: Optional[torch.amp.GradScaler] = None  # fp16 compute
+
+
 class TrainSampler(comfy.samplers.Sampler):
     """A 'sampler' whose sample() runs the optimisation loop and returns the latent unchanged."""
 
-    def __init__(self, pixel_weights: Optional[torch.Tensor], batch_size: int, optimizer: torch.optim.Optimizer,
+    def __init__(self, pixel_weights: Optional[torch.Tensor], recipe: StepRecipe, optimizer: torch.optim.Optimizer,
                  steps: int, seed: int, autocast_dtype: Optional[torch.dtype], hooks: LoopHooks, runtime,
                  copy_saved: bool = False, previews: Optional[PreviewSettings] = None):
-        self.pixel_weights, self.batch_size, self.optimizer = pixel_weights, batch_size, optimizer
+        self.pixel_weights, self.recipe, self.optimizer = pixel_weights, recipe, optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.runtime, self.copy_saved, self.previews = runtime, copy_saved, previews
         self.steps, self.autocast_dtype, self.hooks = steps, autocast_dtype, hooks
         self.generator = torch.Generator(device="cpu").manual_seed(seed + hooks.start_step)
@@ -100,7 +146,8 @@ class TrainSampler(comfy.samplers.Sampler):
                 self.hooks.save(step + 1)
             if self.previews is not None and self.previews.due(step + 1):
                 with torch.no_grad(), self.autocast(latents.device):
-                    preview = sample_preview(model_wrap, extra_args, latents[:1], self.previews, self.max_denoise)
+                    preview = sample_preview(model_wrap, extra_args, centre_square(latents[:1]), self.previews,
+                                             self.max_denoise)
                 self.hooks.on_preview(step + 1, preview)
         return latent_image
 
@@ -108,18 +155,20 @@ class TrainSampler(comfy.samplers.Sampler):
         return torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def one_step(self, model_wrap, model_sampling, latents, weights, extra_args) -> float:
-        n = self.batch_size
+        n, recipe = self.recipe.batch_size, self.recipe
         pick = torch.randint(0, latents.shape[0], (n,), generator=self.generator)
-        x0 = latents[pick.to(latents.device)]
-        sigma = draw_sigmas(model_sampling, n, self.generator).to(x0.device, torch.float32)
+        sigma = draw_sigmas(recipe.sigma_draw, model_sampling, n, self.generator).to(latents.device, torch.float32)
+        if recipe.random_crop:
+            x0, w = random_squares(latents, weights, pick, self.generator)
+        else:
+            x0, w = latents[pick.to(latents.device)], None if weights is None else weights[pick.to(weights.device)]
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
         xt = model_sampling.noise_scaling(sigma, noise, x0, False)
         with self.autocast(x0.device), saved_copies(self.copy_saved):
             denoised = model_wrap(xt, sigma, **extra_args)
         err = (denoised.float() - x0.float()) ** 2
         dims = tuple(range(1, err.dim()))  # [batch, channels, (frames,) height, width]
-        if weights is not None:
-            w = weights[pick.to(weights.device)]  # [batch, 1, height, width]
+        if w is not None:  # [batch, 1, height, width]
             w = w.reshape(w.shape[0], 1, *([1] * (err.dim() - 4)), *w.shape[-2:]).expand_as(err)
             per_sample = (err * w).sum(dim=dims) / w.sum(dim=dims).clamp_min(1e-8)
         else:
@@ -129,8 +178,7 @@ class TrainSampler(comfy.samplers.Sampler):
         if not math.isfinite(value):
             raise TLoraError(f"the training loss became {value} (not finite). Lower the learning rate or use "
                              f"training_dtype fp32.")
-        self.optimizer.zero_grad(set_to_none=True)
         with self.runtime.replaying_last_call():
-            loss.backward()
-        self.optimizer.step()
+            optimizer_step(self.optimizer, loss, self.params, recipe.max_grad_norm, recipe.scaler,
+                           lambda scaled: scaled.backward())
         return value

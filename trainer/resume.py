@@ -3,10 +3,13 @@
 Every file the trainer saves gets a sidecar `<name>.safetensors.state` (trainer.files.state_path), a
 safetensors file holding what the T-LoRA file itself does not:
 - `<layer>.tlora_<field>`: every factor in float32 as trained (the file may hold 16-bit values);
-- `<layer>.tlora_<field>.<moment>`: AdamW's `step`, `exp_avg` and `exp_avg_sq` of each trained factor;
-- `rng`: the state of the sampler's generator (timesteps, noise, image picks) after the last step;
+- `<layer>.tlora_<field>.<key>`: the optimiser's tensors of each trained factor (AdamW: `step`, `exp_avg`,
+  `exp_avg_sq`; Prodigy: `s`, `p0`, `exp_avg`, `exp_avg_sq`);
+- `rng`: the state of the sampler's generator (timesteps, noise, crops, image picks) after the last step;
 - `losses`: the loss of every step so far (float64, as the trainer reports them);
-metadata: `tlora.state_version`, `tlora.steps_done`, `tlora.storage`.
+metadata: `tlora.state_version`, `tlora.steps_done`, `tlora.storage`, and `tlora.optimizer` (JSON: the
+optimiser's name, its per-factor numbers, Prodigy's step-size estimate, the fp16 GradScaler's state).
+Version 1 sidecars (AdamW only, no `tlora.optimizer`) still resume.
 The sidecar is written first and the T-LoRA file second, each atomically; when the second write fails
 the sidecar is removed again, and a sidecar left alone by a crash keeps its file name taken.
 A sidecar is only used when rounding its float32 factors the way the file stores them gives exactly
@@ -15,6 +18,7 @@ the factors read from the file, so a state never continues a T-LoRA it does not 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +33,19 @@ from ..tlora_core.errors import TLoraError, TLoraFormatError
 from ..tlora_core.format import (KEY_MARK, STORAGE_DTYPES, TLora, from_state_dict, read_safetensors, save_tlora,
                                  stores_residuals, to_state_dict, write_new_file)
 from .files import state_path
+from .optim import OptimizerState
 
-STATE_VERSION = 1
-MOMENTS = ("step", "exp_avg", "exp_avg_sq")  # torch.optim.AdamW's per-parameter state
+STATE_VERSION = 2
+V1_ON_CPU = "step"  # version 1 (AdamW): its `step` counts lived on the CPU
 
 
 @dataclass
 class TrainState:
-    """What continuing a run needs besides the file: exact factors, AdamW moments, RNG, losses."""
+    """What continuing a run needs besides the file: exact factors, optimiser state, RNG, losses."""
 
     steps_done: int
     factors: dict[str, LayerFactors]
-    moments: dict[str, dict[str, torch.Tensor]]  # `<layer>.tlora_<field>` -> {step, exp_avg, exp_avg_sq}
+    optimizer: OptimizerState  # by factor name `<layer>.tlora_<field>`
     rng: torch.Tensor  # torch.Generator.get_state() of the CPU generator
     losses: list[float] = field(default_factory=list)
 
@@ -51,37 +56,33 @@ def trainable_tensors(tlora: TLora) -> dict[str, torch.Tensor]:
             for name in TRAINABLE_FIELDS if getattr(f, name) is not None and getattr(f, name).requires_grad}
 
 
-def capture(tlora: TLora, optimizer: torch.optim.Optimizer, rng: torch.Tensor, losses: list[float],
+def capture(tlora: TLora, optimizer: OptimizerState, rng: torch.Tensor, losses: list[float],
             steps_done: int) -> TrainState:
-    """A CPU snapshot of the run after `steps_done` steps."""
-    moments = {}
-    for name, param in trainable_tensors(tlora).items():
-        state = optimizer.state.get(param)
-        if state:
-            moments[name] = {m: state[m].detach().to("cpu", torch.float32, copy=True) for m in MOMENTS}
+    """A CPU snapshot of the run after `steps_done` steps (the optimiser's part captured by trainer.optim)."""
     factors = {k: LayerFactors(**{n: t.detach().to("cpu", torch.float32, copy=True) for n, t in f.tensors().items()})
                for k, f in tlora.layers.items()}
-    return TrainState(steps_done, factors, moments, rng.clone(), list(losses))
+    return TrainState(steps_done, factors, optimizer, rng.clone(), list(losses))
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tlora: TLora, state: TrainState):
-    """Put the saved AdamW moments back on the parameters they belong to (matched by name)."""
-    for name, param in trainable_tensors(tlora).items():
-        saved = state.moments.get(name)
-        if saved is not None:
-            optimizer.state[param] = {m: saved[m].to(param.device if m != "step" else "cpu").clone()
-                                      for m in MOMENTS}
+def usable_optimizer_state(state: TrainState, optimizer: str) -> Optional[OptimizerState]:
+    """The saved optimiser state when it is `optimizer`'s, else None with a warning (another optimiser's
+    state cannot continue this one: it starts fresh)."""
+    if state.optimizer.name == optimizer:
+        return state.optimizer
+    logging.warning("T-LoRA: the resume state holds %s's state but this run uses %s; the optimiser starts fresh, "
+                    "so the resumed run will not equal an uninterrupted one.", state.optimizer.name, optimizer)
+    return None
 
 
 def save_with_state(snapshot: TLora, state: TrainState, path: Path, storage: str) -> Path:
     """Write the state sidecar, then the T-LoRA file; neither overwrites anything."""
     tensors = to_state_dict(TLora(snapshot.config, state.factors), torch.float32)
-    for name, moments in state.moments.items():
-        tensors.update({f"{name}.{m}": t.contiguous() for m, t in moments.items()})
+    for name, values in state.optimizer.tensors.items():
+        tensors.update({f"{name}.{key}": t.contiguous() for key, t in values.items()})
     tensors["rng"] = state.rng.contiguous()
     tensors["losses"] = torch.tensor(state.losses, dtype=torch.float64)
     metadata = {"tlora.state_version": str(STATE_VERSION), "tlora.steps_done": str(state.steps_done),
-                "tlora.storage": storage}
+                "tlora.storage": storage, "tlora.optimizer": json.dumps(state.optimizer.to_record())}
     sidecar = write_new_file(state_path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     try:
         return save_tlora(snapshot, path, storage=storage)
@@ -103,17 +104,31 @@ def read_state(path: Path, config: TLoraConfig) -> tuple[TrainState, str]:
         raise TLoraFormatError(f"{path} is not a T-LoRA resume state (missing or bad {exc}). {fix}") from None
     if version > STATE_VERSION or storage not in STORAGE_DTYPES:
         raise TLoraFormatError(f"{path} was written by a newer version of this pack. Update the pack, or: {fix}")
-    moments: dict[str, dict[str, torch.Tensor]] = {}
-    for key in [k for k in tensors if k.rpartition(".")[2] in MOMENTS]:
-        name, _, moment = key.rpartition(".")
-        moments.setdefault(name, {})[moment] = tensors.pop(key)
-    if any(set(m) != set(MOMENTS) for m in moments.values()):
-        raise TLoraFormatError(f"{path} holds incomplete optimiser moments. {fix}")
+    optimizer = _optimizer_record(metadata, version, path, fix)
+    # `<layer>.tlora_<field>.<key>`: an optimiser tensor (a factor's own name has no dot after its mark)
+    for key in [k for k in tensors if KEY_MARK in k and "." in k.rpartition(KEY_MARK)[2]]:
+        name, _, part = key.rpartition(KEY_MARK)
+        field_name, _, opt_key = part.partition(".")
+        optimizer.tensors.setdefault(f"{name}{KEY_MARK}{field_name}", {})[opt_key] = tensors.pop(key)
+        if version == 1 and opt_key == V1_ON_CPU:
+            optimizer.on_cpu.append(f"{name}{KEY_MARK}{field_name}.{opt_key}")
     try:
         factors = from_state_dict(tensors, config, str(path)).layers
     except TLoraFormatError as exc:
         raise TLoraFormatError(f"{exc} {fix}") from None
-    return TrainState(steps_done, factors, moments, rng, losses), storage
+    return TrainState(steps_done, factors, optimizer, rng, losses), storage
+
+
+def _optimizer_record(metadata: dict, version: int, path: Path, fix: str) -> OptimizerState:
+    """The optimiser part of a sidecar's metadata (tensors are added by the caller)."""
+    if version == 1:
+        return OptimizerState("adamw")
+    try:
+        record = json.loads(metadata["tlora.optimizer"])
+        return OptimizerState(record["name"], numbers=record["numbers"], on_cpu=list(record["on_cpu"]),
+                              group=record["group"], scaler=record["scaler"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TLoraFormatError(f"{path} holds no readable optimiser state (missing or bad {exc}). {fix}") from None
 
 
 def belongs_to(state: TrainState, storage: str, tlora: TLora) -> bool:

@@ -16,14 +16,16 @@ import comfy.patcher_extension as pe
 from ..tlora_core.adapter import TRAINABLE_FIELDS, LayerFactors
 from ..tlora_core.config import TLoraConfig
 from ..tlora_core.errors import TLoraError
-from ..tlora_core.families import FAMILIES, Family, Site, family_for, find_sites
+from ..tlora_core.families import FAMILIES, Family, Recipe, Site, family_for, find_sites
 from ..tlora_core.format import TLora, load_tlora
 from ..tlora_core.init import init_factors
-from .data import prepare_images
+from .data import prepare_images, source_side
 from .files import next_free_path
-from .loop import LoopHooks, PositiveOnlyGuider, TrainSampler, saved_copies
+from .loop import LoopHooks, PositiveOnlyGuider, StepRecipe, TrainSampler, saved_copies
+from .optim import build_optimizer, capture_optimizer, grad_scaler, restore_optimizer_state
 from .preview import PreviewSettings, preview_conditions
-from .resume import capture, check_family_and_image, images_id, restore_optimizer, save_with_state, state_for
+from .resume import (capture, check_family_and_image, images_id, save_with_state, state_for, trainable_tensors,
+                     usable_optimizer_state)
 from .runtime import apply_tlora
 from .settings import TrainSettings
 
@@ -176,19 +178,32 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, copy_sa
             del unit.forward
 
 
-def training_conditioning(clip, conditioning, prompt: str, guidance: Optional[float]):
+def recipe_extras(recipe: Recipe, image: torch.Tensor, pixels: torch.Tensor) -> dict:
+    """Conditioning values the family's reference recipe trains with: the training guidance of
+    guidance-distilled models (the reference FLUX code trains at 1; ComfyUI's default would be 3.5) and
+    SD-XL's size embedding as the reference passes it (original size = the source's centred square side,
+    crop corner 0, target = the training size)."""
+    extras = {} if recipe.guidance is None else {"guidance": recipe.guidance}
+    if recipe.size_conditioning:
+        side, size = source_side(image), min(pixels.shape[1:3])
+        extras.update(width=side, height=side, crop_w=0, crop_h=0, target_width=size, target_height=size)
+    return extras
+
+
+def training_conditioning(clip, conditioning, prompt: str, extras: dict):
     """The CONDITIONING to train with: the one given (any encoder node's output, e.g. CLIPTextEncode +
-    FluxGuidance), else the prompt encoded with `clip`. With the prompt, guidance-distilled models get
-    the family's training guidance (the reference FLUX recipe trains at 1; ComfyUI would use 3.5)."""
-    if conditioning is not None:
-        return conditioning
-    if clip is None:
-        raise TLoraError("the Train node needs a text conditioning: connect a CLIP (the prompt is encoded with "
-                         "it) or a CONDITIONING from your model's own text-encoder nodes.")
-    encoded = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    if guidance is None:
-        return encoded
-    return [[c, {"guidance": guidance, **extra}] for c, extra in encoded]
+    FluxGuidance), else the prompt encoded with `clip`; each of the recipe's `extras` it lacks is filled in
+    (a value the conditioning carries, such as a connected FluxGuidance, is kept)."""
+    if conditioning is None:
+        if clip is None:
+            raise TLoraError("the Train node needs a text conditioning: connect a CLIP (the prompt is encoded with "
+                             "it) or a CONDITIONING from your model's own text-encoder nodes.")
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    filled = sorted({k for _, extra in conditioning for k in extras if k not in extra})
+    if filled:
+        logging.info("T-LoRA: training conditioning without %s: using the recipe's %s.", ", ".join(filled),
+                     ", ".join(f"{k} {extras[k]}" for k in filled))
+    return [[c, {**extras, **extra}] for c, extra in conditioning]
 
 
 def encode(vae, positive, pixels: torch.Tensor, weights: Optional[torch.Tensor]):
@@ -264,6 +279,15 @@ def inference_weight_copies() -> pe.PatcherInjection:
     return pe.PatcherInjection(inject=inject, eject=eject)
 
 
+def compute_in_fp32(patched):
+    """Make the training clone compute in float32 (ComfyUI's compute-dtype setting: weights stored in 16 or
+    8 bits are cast up per layer), as the reference trains SD-XL with mixed precision off."""
+    base = patched.model
+    current = base.manual_cast_dtype if base.manual_cast_dtype is not None else base.get_dtype()
+    if current != torch.float32:
+        patched.set_model_compute_dtype(torch.float32)
+
+
 def resolve_dtype(name: str, device) -> Optional[torch.dtype]:
     """Autocast dtype: None means plain fp32. 'auto' is bf16 on GPUs that have it, else fp32."""
     if name == "auto":
@@ -283,8 +307,9 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
     (sampler latent space), and the result holds them all decoded with `vae`.
     """
     family = model_family(model.model)
+    settings = settings.for_recipe(family.recipe)
     base_model = type(model.model.model_config).__name__
-    pixels, weights = prepare_images(image, mask, settings.resolution, family.recipe.resolution)
+    pixels, weights = prepare_images(image, mask, settings.resolution, family.recipe.resolution, settings.crop)
     sites = find_target_layers(model.model, settings.targets) if resume is None else None
     config = settings.tlora_config(
         base_model=base_model, family=family.name, source="comfyui-tlora trainer",
@@ -303,8 +328,9 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
     history = list(state.losses) if state is not None else []  # every step's loss, earlier runs included
     device = mm.get_torch_device()
     with torch.inference_mode(False), torch.enable_grad():
-        latents, pixel_weights, positive = encode(
-            vae, training_conditioning(clip, conditioning, settings.prompt, family.recipe.guidance), pixels, weights)
+        positive = training_conditioning(clip, conditioning, settings.prompt,
+                                         recipe_extras(family.recipe, image, pixels))
+        latents, pixel_weights, positive = encode(vae, positive, pixels, weights)
         if resume is None:
             tlora = TLora(config, new_factors(sites, settings, config.ortho, device))
         else:  # the exact float32 factors of the state when there is one (the file may hold 16-bit values)
@@ -315,16 +341,22 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
         params = make_trainable(tlora, device)
         patched, runtime = apply_tlora(model, tlora, 1.0)
         patched.set_injections(f"{runtime.key}-training", [inference_weight_copies()])
-        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.999),
-                                      weight_decay=settings.weight_decay, eps=1e-8)
-        if state is not None:
-            restore_optimizer(optimizer, tlora, state)
+        autocast_dtype = resolve_dtype(settings.training_dtype, device)
+        if autocast_dtype is None:
+            compute_in_fp32(patched)
+        optimizer = build_optimizer(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
+        scaler = grad_scaler(device, autocast_dtype)
+        named = trainable_tensors(tlora)
+        saved_state = usable_optimizer_state(state, settings.optimizer) if state is not None else None
+        if saved_state is not None:
+            restore_optimizer_state(optimizer, named, saved_state, scaler)
         rng_after_step = {}  # the generator's state after the last finished step, for saving
 
         def save(step: int):
             path = next_free_path(output_folder, prefix, f"{step}steps" if step < settings.steps else "")
             snapshot = detached_copy(tlora, step, settings)
-            run_state = capture(tlora, optimizer, rng_after_step["rng"], history, step)
+            run_state = capture(tlora, capture_optimizer(settings.optimizer, optimizer, named, scaler),
+                                rng_after_step["rng"], history, step)
             saved.append(save_with_state(snapshot, run_state, path, settings.storage))
             logging.info("T-LoRA: saved %s", saved[-1])
 
@@ -343,9 +375,10 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
         hooks = LoopHooks(on_step=on_step, save=save, start_step=start, on_preview=on_preview,
                           should_save=lambda step: step < settings.steps and settings.save_every > 0
                           and step % settings.save_every == 0)
-        sampler = TrainSampler(pixel_weights, settings.batch_size, optimizer, settings.steps, settings.seed,
-                               resolve_dtype(settings.training_dtype, device), hooks, runtime,
-                               copy_saved=family.inplace_residuals, previews=previews)
+        step_recipe = StepRecipe(settings.batch_size, settings.sigma_draw, settings.crop == "random",
+                                 settings.max_grad_norm, scaler)
+        sampler = TrainSampler(pixel_weights, step_recipe, optimizer, settings.steps, settings.seed, autocast_dtype,
+                               hooks, runtime, copy_saved=family.inplace_residuals, previews=previews)
         if state is not None:
             sampler.generator.set_state(state.rng)
         guider = PositiveOnlyGuider(patched)

@@ -136,12 +136,14 @@ def latent_shape(patcher, spec: TinyFamily, n: int, size: int) -> tuple:
 
 
 def stub_vae(patcher, spec: TinyFamily, seed: int = 0):
-    """A VAE stand-in: encode() gives fixed random latents of the model's channels at 1/8 size; decode()
+    """A VAE stand-in: encode() gives fixed random latents of the model's channels at 1/8 size (height and
+    width: a wide image gives wide latents); decode()
     an image that depends on every latent value (the first three channels, squashed, 8x nearest), with a
     frame axis for latents that have one, as ComfyUI's video-capable VAEs return."""
     def encode(pixels):
         gen = torch.Generator().manual_seed(seed)
-        return torch.randn(latent_shape(patcher, spec, pixels.shape[0], pixels.shape[1]), generator=gen)
+        shape = latent_shape(patcher, spec, pixels.shape[0], pixels.shape[1])[:-1] + (pixels.shape[2] // 8,)
+        return torch.randn(shape, generator=gen)
 
     def decode(latents):
         rgb = torch.sigmoid(0.25 * (latents[:, :3] + latents.mean(dim=1, keepdim=True)))

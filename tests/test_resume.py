@@ -1,5 +1,6 @@
 """Exact resume, in-process on the tiny SD1.5 model: a run continued from its file at step k equals the
-uninterrupted run bit for bit (factors, AdamW moments, RNG), and mismatched resumes are refused by name."""
+uninterrupted run bit for bit (factors, the optimiser's state: AdamW's or Prodigy's, RNG), and mismatched
+resumes are refused by name."""
 import logging
 
 import pytest
@@ -62,6 +63,30 @@ def test_resume_from_a_save_every_file_equals_the_uninterrupted_run(tiny_sd15, u
     state = load_file(str(state_path(full)))
     assert state["losses"].tolist() == uninterrupted.losses
     assert any(k.endswith(".exp_avg_sq") for k in state) and state["rng"].dtype == torch.uint8
+
+
+def test_a_prodigy_run_with_clipping_resumes_bit_for_bit(tiny_sd15, tmp_path):
+    """Prodigy keeps a step-size estimate per group and p0 / s per factor: the sidecar holds them, so a run
+    continued at step 2 equals the uninterrupted one exactly (file, state, losses)."""
+    from tlora_pack.trainer.files import state_path
+
+    full = _train(tiny_sd15, tmp_path / "full", optimizer="prodigy", learning_rate=1.0, max_grad_norm=1.0,
+                  save_every=2)
+    resumed = _train(tiny_sd15, tmp_path / "resumed", optimizer="prodigy", learning_rate=1.0, max_grad_norm=1.0,
+                     resume=_load_like_a_node(full.saved[0]))
+    assert resumed.losses == full.losses[2:]
+    _same_tensors(resumed.saved[-1], full.saved[-1])
+    _same_tensors(state_path(resumed.saved[-1]), state_path(full.saved[-1]))
+    state = load_file(str(state_path(full.saved[-1])))
+    assert any(k.endswith(".p0") for k in state) and any(k.endswith(".s") for k in state)
+
+
+def test_another_optimisers_state_is_not_used_and_the_log_says_so(tiny_sd15, uninterrupted, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        resumed = _train(tiny_sd15, tmp_path, optimizer="prodigy", learning_rate=1.0,
+                         resume=_load_like_a_node(uninterrupted.saved[0]))
+    assert "holds adamw's state but this run uses prodigy" in caplog.text
+    assert resumed.tlora.config.training["optimizer"] == "prodigy"
 
 
 def test_train_to_train_and_a_cancelled_file_resume_exactly(tiny_sd15, uninterrupted, tmp_path, monkeypatch):

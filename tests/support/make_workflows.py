@@ -48,12 +48,15 @@ Knobs of "Train T-LoRA from image" (the paper's values are the defaults)
   following (less copying of the photo's background and pose); HIGHER = more fidelity to the subject.
   Load / Apply T-LoRA can override it at sampling time, no retraining needed.
 - steps (800), learning_rate (1e-4): the paper's recipe. Too many steps overfit: the photo comes back
-  whatever the prompt says.
+  whatever the prompt says. learning_rate 0 = the optimizer's recipe (AdamW 1e-4; Prodigy 1.0).
+- optimizer (optional, auto): the family's reference recipe, AdamW for SD (the paper), Prodigy with
+  gradient clipping for Flux and the other flow transformers (the reference FLUX code).
 - variant: tlora (paper) | vanilla_tlora (mask only) | ortho_lora (orthogonal init only) | lora (plain LoRA).
 - trigger + class_word make the training prompt "a photo of sks dog": use both words in your prompts.
 - seed has no randomize control: queueing again reuses the trained T-LoRA instead of training again.
 - optional: mask (white = subject), resolution (0 = the model's native size), targets,
-  gradient_checkpointing (less memory, slower), save_every, resume (continue a T-LoRA).
+  gradient_checkpointing (less memory, slower), save_every (100: pick the best step afterwards), resume
+  (continue a T-LoRA).
 - preview_every (100 here, 0 = off): an image with the T-LoRA as it is, shown on the node and kept in the
   'previews' output. The subject appearing while the beach (preview_prompt) stays = good; the photo's
   background coming back = stop earlier or lower min_rank.

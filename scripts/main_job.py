@@ -65,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--rank", type=int, help="0 = the model family's recipe")
     t.add_argument("--min-rank", type=int, help="r_min: lower = more diversity, higher = more fidelity; 0 = the "
                                                  "model family's recipe")
-    t.add_argument("--learning-rate", type=float)
+    t.add_argument("--learning-rate", type=float, help="0 = the optimizer's recipe (AdamW 1e-4, Prodigy 1.0)")
+    t.add_argument("--optimizer", choices=("auto", "adamw", "prodigy"),
+                   help="auto = the model family's recipe (SD: AdamW, as the paper; Flux and other DiTs: Prodigy)")
     t.add_argument("--resolution", type=int, help="training size in px; 0 = the model family's native size")
     t.add_argument("--variant", choices=("auto", "tlora", "vanilla_tlora", "ortho_lora", "lora"),
                    help="auto = the model family's recipe")
@@ -101,7 +103,7 @@ BOUNDS = {
     "steps": ("TLoraTrainFromImage", "steps", 0, 100000),
     "rank": ("TLoraTrainFromImage", "rank", 0, 512),
     "min_rank": ("TLoraTrainFromImage", "min_rank", 0, 512),
-    "learning_rate": ("TLoraTrainFromImage", "learning_rate", 1e-7, 0.1),
+    "learning_rate": ("TLoraTrainFromImage", "learning_rate", 0.0, 10.0),
     "resolution": ("TLoraTrainFromImage", "resolution", 0, 2048),
     "seed": ("TLoraTrainFromImage", "seed", 0, 0xFFFFFFFF),
     "preview_every": ("TLoraTrainFromImage", "preview_every", 0, 100000),
@@ -236,7 +238,7 @@ def build_workflow(args, ckpt: str, image: str) -> dict:
     wf[find_node(wf, "CheckpointLoaderSimple")]["inputs"]["ckpt_name"] = ckpt
     wf[find_node(wf, "LoadImage")]["inputs"]["image"] = image
     train = wf[find_node(wf, "TLoraTrainFromImage")]["inputs"]
-    for name in ("steps", "rank", "min_rank", "learning_rate", "resolution", "variant", "trigger",
+    for name in ("steps", "rank", "min_rank", "learning_rate", "optimizer", "resolution", "variant", "trigger",
                  "class_word", "seed", "preview_every", "filename_prefix"):
         if pick(name) is not None:
             train[name] = pick(name)

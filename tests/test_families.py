@@ -51,7 +51,7 @@ def trained(request, tmp_path_factory):
     patcher, spec = tf.build(name)
     family = model_family(patcher.model)
     recipe = family.recipe.resolve("auto", RANK, MIN_RANK, 2)
-    settings = TrainSettings(**recipe, learning_rate=1e-3, resolution=64, storage="fp32")
+    settings = TrainSettings(**recipe, resolution=64, storage="fp32")  # the family's optimiser at its own rate
     look = PreviewSettings(every=2, steps=2, cfg=family.recipe.preview.cfg, guidance=family.recipe.preview.guidance)
     result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 80, 64, 3), None, settings,
                          str(tmp_path_factory.mktemp(name)), f"fam/{name}", conditioning=tf.conditioning(spec),
@@ -225,7 +225,7 @@ def test_fp8_base_applies_exactly_and_stays_fp8(tmp_path, path):
     from tlora_pack.trainer.train import train_tlora
 
     patcher, spec = tf.build("flux_dev", weight_dtype=FP8, compute_dtype=torch.float32)
-    settings = TrainSettings(variant="vanilla_tlora", rank=RANK, min_rank=MIN_RANK, steps=2, learning_rate=1e-3,
+    settings = TrainSettings(variant="vanilla_tlora", rank=RANK, min_rank=MIN_RANK, steps=2, optimizer="adamw", learning_rate=1e-3,
                              resolution=64)
     result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 64, 64, 3), None, settings,
                          str(tmp_path), "fp8/flux", conditioning=tf.conditioning(spec))
@@ -285,7 +285,7 @@ def test_gradient_checkpointing_of_flux_blocks_gives_the_same_gradients(tmp_path
     for checkpointing in (False, True):
         grads[checkpointing] = log.run()
         patcher, spec = tf.build("flux_dev")
-        settings = TrainSettings(variant="vanilla_tlora", rank=RANK, min_rank=MIN_RANK, steps=3, learning_rate=1e-3,
+        settings = TrainSettings(variant="vanilla_tlora", rank=RANK, min_rank=MIN_RANK, steps=3, optimizer="adamw", learning_rate=1e-3,
                                  resolution=64, gradient_checkpointing=checkpointing, storage="fp32")
         train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 64, 64, 3), None, settings,
                     str(tmp_path / str(checkpointing)), "gc/flux", conditioning=tf.conditioning(spec))

@@ -3,15 +3,15 @@
 #
 #   bash scripts/main_job.sh                                   # tiny built-in model + generated image
 #   bash scripts/main_job.sh --checkpoint ~/models/sd_xl_base_1.0.safetensors --image ~/dog.jpg
-#   bash scripts/main_job.sh --comfyui .deps/ComfyUI-0.33.0 --image ~/dog.jpg   # the upstream test host
+#   bash scripts/main_job.sh --comfyui "$TLORA_COMFYUI_UPSTREAM" --image ~/dog.jpg   # the upstream test host
 #   bash scripts/main_job.sh --comfyui ~/ComfyUI --python ~/ComfyUI/venv/bin/python --checkpoint ... --image ...
 #   bash scripts/main_job.sh --help                            # every option
 #
 # Checks the arguments first (a mistake costs a second, not a set-up or a training run), then prepares the
 # host it runs on with `scripts/setup_env.sh --runtime` (idempotent, quick once done; torch and ComfyUI's
 # own requirements only, no test tools): ComfyUI 0.3.75
-# (.deps/ComfyUI with .venv) by default, the upstream host (.deps/ComfyUI-<version> with its own venv)
-# when --comfyui names that tree. Then runs scripts/main_job.py with that host's Python, which starts
+# (.deps/ComfyUI with .venv) by default, the upstream host (its tree, scripts/hosts.sh, with the venv
+# .deps/venv-<version>) when --comfyui names that tree. Then runs scripts/main_job.py with that host's Python, which starts
 # ComfyUI on 127.0.0.1, runs workflows/api/train_and_sample.api.json, prints progress and where the
 # T-LoRA file and images went, and stops the server. For a ComfyUI tree of your own, --python names the
 # Python it runs with (its venv), which needs aiohttp, the only thing main_job.py adds to ComfyUI's needs.

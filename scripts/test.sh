@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run the whole test suite on every ComfyUI host (scripts/hosts.sh), one after the other: ComfyUI 0.3.75,
-# then upstream ComfyUI (0.33.0) when ../shared/hosts/comfyui-0.33.0.tar.gz or a $TLORA_COMFYUI_UPSTREAM
-# tree is there. Prepares them first (scripts/setup_env.sh), prints which hosts ran and each host's
-# result, and fails when any host fails.
+# then upstream ComfyUI when a checkout of it is there ($TLORA_COMFYUI_UPSTREAM, or the tree kept at
+# ${XDG_CACHE_HOME:-~/.cache}/comfyui-tlora/ComfyUI; without one, e.g. in CI, 0.3.75 alone). Prepares them
+# first (scripts/setup_env.sh), prints which hosts ran and each host's result, and fails when any host fails.
 #   bash scripts/test.sh                          # every host
 #   TLORA_HOSTS=0.3.75 bash scripts/test.sh       # one host ("0.3.75" or "upstream")
+#   TLORA_COMFYUI_UPSTREAM=~/src/ComfyUI bash scripts/test.sh   # upstream = your own checkout
 #   bash scripts/test.sh -k schedule -x           # extra arguments go to pytest, on every host (no
 #                                                 # path given: pyproject's testpaths, tests/)
 set -euo pipefail

@@ -174,3 +174,66 @@ def test_saved_file_loads_in_comfyui_and_equals_dense_weights(tmp_path, variant)
     network2.apply_to([None, None], flux2, False, True)
     with torch.no_grad():
         assert torch.equal(flux2(**inputs), trained)
+
+
+def differentiable(flux):
+    """sd-scripts' Flux adds each residual out of place; ComfyUI's adds it in place (`x += ...`) after a
+    LayerNorm saved the stream for backward. Each block and each LayerNorm in it gets its own copy of its
+    input, so backward runs through the stand-in as through sd-scripts' Flux (values unchanged)."""
+    own = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+
+    def on_copies(forward):
+        return lambda *a, **k: forward(*map(own, a), **{name: own(v) for name, v in k.items()})
+
+    for block in list(flux.double_blocks) + list(flux.single_blocks):
+        block.forward = on_copies(block.forward)
+        for module in block.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.register_forward_pre_hook(lambda m, args: (args[0].clone(),) + args[1:])
+    return flux
+
+
+def checkpoint_blocks(flux):
+    """sd-scripts' Flux under --gradient_checkpointing: each double / single block runs through a
+    non-reentrant torch checkpoint, so backward recomputes it with whatever the hooks hold then."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in list(flux.double_blocks) + list(flux.single_blocks):
+        plain = block.forward
+        block.forward = lambda *a, _plain=plain, **k: checkpoint(_plain, *a, use_reentrant=False, **k)
+    return flux
+
+
+def dop_step_grads(gradient_checkpointing: bool) -> list[torch.Tensor]:
+    """The factors' gradients of one flux_train_network.py step with differential output preservation on
+    one of two samples: the main call, the prior call at multiplier 0 inside `torch.no_grad()` that call_dit
+    turns back into a grad-enabled call, the prior written into the target, then backward."""
+    flux = differentiable(sd_scripts_flux())
+    if gradient_checkpointing:
+        checkpoint_blocks(flux)
+    network = create(flux, min_rank=str(MIN_RANK))
+    perturb(network)
+    network.prepare_grad_etc(None, flux)
+    inputs = flux_inputs([0.9, 0.2])  # the prior sample's t masks fewer components than the other's
+    for name in ("txt", "y", "guidance"):  # sd-scripts' checkpointing workaround: conditions require grad
+        inputs[name].requires_grad_(True)
+    pred = flux(**inputs)
+    target = torch.randn(pred.shape, generator=torch.Generator().manual_seed(9))
+    dop = [1]
+    network.set_multiplier(0.0)
+    with torch.no_grad(), torch.set_grad_enabled(True):  # call_dit: set_grad_enabled(is_train)
+        prior = flux(**{k: v[dop] for k, v in inputs.items()})
+    network.set_multiplier(1.0)
+    target[dop] = prior.to(target.dtype)
+    torch.nn.functional.mse_loss(pred, target).backward()
+    return [p.grad.clone() for p in network.parameters()]
+
+
+def test_dop_prior_call_keeps_the_main_calls_masks_for_checkpointed_backward(comfy, monkeypatch):
+    """sd-scripts' DOP pattern gives the same gradients with and without gradient checkpointing: the
+    recomputed main call sees its own masks, the multiplier-0 call leaves nothing for backward."""
+    # newer ComfyUI's Flux uses a rope kernel without autograd unless this flag is up (sd-scripts' has autograd)
+    monkeypatch.setattr(comfy.model_management, "in_training", True, raising=False)
+    plain, checkpointed = dop_step_grads(False), dop_step_grads(True)
+    assert any(g.abs().sum() > 0 for g in plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))

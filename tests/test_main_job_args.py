@@ -1,15 +1,27 @@
-"""The main job checks every argument before any set-up: a mistake is answered in about a second, with the
-fix, and nothing is installed, laid out or started."""
+"""The main job checks every argument before any set-up: a mistake is answered at once (the standard library
+only: no torch, no ComfyUI), with the fix, and nothing is installed, laid out or started."""
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN_JOB = REPO / "scripts" / "main_job.py"
+HEAVY = ("torch", "numpy", "PIL", "comfy", "websocket")
+# Runs main_job.py as a script, then says which heavy modules it had imported when it exited.
+PROBE = f"""
+import runpy, sys
+sys.argv = sys.argv[1:]
+code = 0
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print("imported:", sorted(m for m in {HEAVY!r} if m in sys.modules))
+sys.exit(code)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -43,33 +55,29 @@ def _cases(tmp: Path, port: int):
     return cases
 
 
-def test_every_bad_argument_is_refused_within_a_second_and_nothing_is_set_up(tmp_path, busy_port):
+def test_every_bad_argument_is_refused_before_anything_heavy_and_nothing_is_set_up(tmp_path, busy_port):
     run_folder = tmp_path / "run"
     for args, message in _cases(tmp_path, busy_port):
-        started = time.monotonic()
-        proc = subprocess.run([sys.executable, str(MAIN_JOB), "--out", str(run_folder), *args],
-                              capture_output=True, text=True, timeout=60)
-        elapsed = time.monotonic() - started
+        proc = subprocess.run([sys.executable, "-c", PROBE, str(MAIN_JOB), "--out", str(run_folder), *args],
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
-        assert elapsed < 1.5, f"{args}: {elapsed:.2f} s (interpreter start included)"
+        assert "imported: []" in proc.stdout, f"{args}: {proc.stdout}"
         assert not run_folder.exists(), "nothing is laid out (and so no server started) for a refused run"
 
 
 def test_all_problems_are_listed_at_once(tmp_path):
     proc = subprocess.run([sys.executable, str(MAIN_JOB), "--size", "7", "--sample-steps", "0", "--rank", "4",
-                           "--min-rank", "5"], capture_output=True, text=True, timeout=60)
+                           "--min-rank", "5"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "--size 7" in proc.stderr and "--sample-steps 0" in proc.stderr and "--min-rank 5" in proc.stderr
 
 
 def test_main_job_sh_checks_the_arguments_before_the_set_up(tmp_path):
     """The shell entry point refuses before scripts/setup_env.sh would install anything."""
-    started = time.monotonic()
     proc = subprocess.run(["bash", str(REPO / "scripts" / "main_job.sh"), "--sample-steps", "0",
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--sample-steps 0" in proc.stderr
     assert "setup_env" not in proc.stdout + proc.stderr
-    assert time.monotonic() - started < 1.5
     assert not (tmp_path / "run").exists()
 
 

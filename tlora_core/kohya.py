@@ -17,8 +17,9 @@ timestep argument (2nd positional, or `timestep=` for SD1.x/2.x, `timesteps=` fo
 the paper's t (Flux gets sigma = timesteps / 1000, so t = 1000 sigma), turns it into one prefix mask per batch
 row (r(t) of Sec. 3.2, M_t of Eq. 3) and keeps them for that call; a forward hook on every adapted Linear adds
 multiplier * dW(t_i) x_i (Eq. 6) row by row. The masks of a grad-enabled call stay in place until the next
-call, so gradient checkpointing recomputes with the same masks; a no-grad call in between (sd-scripts'
-differential output preservation, sample images) puts the previous masks back when it ends.
+call, so gradient checkpointing recomputes with the same masks; a no-grad call in between (sample images) or
+a call at multiplier 0 (sd-scripts' differential output preservation prior, grad-enabled under Flux) puts the
+previous masks back when it ends, and the latter's output leaves nothing for backward.
 
 The file written is this pack's T-LoRA format (tlora_core.format) with kohya layer names
 `lora_unet_<module path, dots as underscores>`: diffusers paths for SD1.x/2.x, ldm paths (`input_blocks_...`)
@@ -200,8 +201,13 @@ def _check_no_dropout(*values):
 
 
 def timesteps_of_call(args: tuple, kwargs: dict, where: TimestepArg = UNET_TIMESTEP) -> torch.Tensor:
-    """The paper's t of one model call, one per batch row (float32 for a scaled argument, such as Flux's
-    sigma: that is the t the model's own time embedding computes)."""
+    """The paper's t of one model call, one per batch row.
+
+    A scaled argument (Flux's sigma) is taken as passed, converted to float32, then scaled: t = 1000 sigma in
+    float32. That is not always the product the model's own time embedding forms: under bf16 Flux multiplies
+    in bf16, whose step is 4 between 512 and 1024 (sigma 0.93359375: the model embeds 932.0, the mask here
+    follows 933.59), so at a rank boundary the two can fall on different sides.
+    """
     t = next((kwargs[k] for k in ("timestep", "timesteps", "t") if k in kwargs), None)
     if t is None:
         if len(args) <= where.index:
@@ -295,17 +301,29 @@ class TLoraNetwork(nn.Module):
         self._handles, self.current, self._saved_current = [], None, []
 
     def _before_unet_call(self, module, args, kwargs):
-        self._saved_current.append((torch.is_grad_enabled(), self.current))
+        # only a call with gradients and the adapters on is recomputed in backward with the masks then in force
+        recomputable = torch.is_grad_enabled() and self.multiplier != 0
+        self._saved_current.append((recomputable, self.current))
         t = timesteps_of_call(args, kwargs, self.timestep_arg)
         c = self.config
         device = (args[0] if args else t).device
         self.current = CallMasks.for_timesteps(t, c.rank, c.schedule_min_rank, c.exponent, c.max_timestep, device)
 
     def _after_unet_call(self, module, args, output):
-        grad_enabled, previous = self._saved_current.pop() if self._saved_current else (True, None)
-        if not grad_enabled:  # no backward follows: give a pending backward (checkpointing) its masks back
-            self.current = previous
-        return None
+        """After a no-grad call or a call at multiplier 0, put the previous call's masks back for its pending
+        backward (gradient checkpointing recomputes it then).
+
+        A call at multiplier 0 is sd-scripts' differential output preservation prior: sd-scripts wraps it in
+        no_grad, but flux_train_network.py's call_dit enables gradients again, and the prior becomes part of
+        the loss's target. Its output is detached, as under no_grad: a recomputation of it in backward would
+        run at the multiplier in force then (1) with another call's masks.
+        """
+        recomputable, previous = self._saved_current.pop() if self._saved_current else (True, None)
+        if recomputable:
+            return None
+        self.current = previous
+        # sd-scripts' Flux returns one tensor
+        return output.detach() if isinstance(output, torch.Tensor) and output.requires_grad else None
 
     def _layer_hook(self, adapter: TLoraAdapter):
         rows = self._targets[adapter.lora_name].rows

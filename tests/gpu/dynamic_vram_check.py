@@ -1,6 +1,6 @@
 """The pack under ComfyUI's dynamic VRAM loading (ModelPatcherDynamic + comfy-aimdo, ComfyUI 0.33 on NVIDIA).
 
-    TLORA_COMFYUI_DIR=.deps/ComfyUI-0.33.0 .deps/venv-0.33.0/bin/python tests/gpu/dynamic_vram_check.py
+    TLORA_COMFYUI_DIR=$TLORA_COMFYUI_UPSTREAM .deps/venv-0.33.0/bin/python tests/gpu/dynamic_vram_check.py
 
 Needs a CUDA GPU; it cannot be forced on a CPU: ModelPatcherDynamic.__new__ hands back a plain ModelPatcher
 for a CPU load device, its constructor allocates comfy-aimdo host buffers whose native library loads only

@@ -147,10 +147,12 @@ class ComfyServer:
     def object_info(self) -> dict:
         return self.get("/object_info", timeout=60)
 
-    def post_prompt(self, api_workflow: dict) -> str:
-        """Queue an API-format workflow; returns its prompt_id. A rejected prompt raises with node_errors."""
+    def post_prompt(self, api_workflow: dict, client_id: str | None = None) -> str:
+        """Queue an API-format workflow as `client_id` (default: this object's client); returns its
+        prompt_id. A rejected prompt raises with node_errors."""
         try:
-            answer = self._request("POST", "/prompt", {"prompt": api_workflow, "client_id": self.client_id})
+            answer = self._request("POST", "/prompt", {"prompt": api_workflow,
+                                                       "client_id": client_id or self.client_id})
         except urllib.error.HTTPError as e:
             detail = e.read().decode("utf-8", "replace")
             try:
@@ -252,13 +254,6 @@ class Listener:
                                                                  "execution_interrupted") \
                     and event[1].get("data", {}).get("prompt_id") == prompt_id:
                 return self.events
-
-    def drain(self, seconds: float = 1.0) -> list:
-        """Whatever arrives within `seconds` more; returns all events so far."""
-        self.ws.settimeout(seconds)
-        while self._receive() is not None:
-            pass
-        return self.events
 
     def close(self):
         self.ws.close()

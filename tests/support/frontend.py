@@ -63,7 +63,26 @@ window.__tlora_dialogs = () => [...document.querySelectorAll('[role=dialog], [ro
   el => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length));
 window.addEventListener('unhandledrejection',
   e => window.__tlora_log.push({level: 'unhandledrejection', text: String(e.reason && (e.reason.stack || e.reason))}));
+// Requests the page has in flight (the front end talks to the server through fetch).
+window.__tlora_pending = 0;
+const plainFetch = window.fetch.bind(window);
+window.fetch = (...args) => {
+  window.__tlora_pending++;
+  return plainFetch(...args).finally(() => { window.__tlora_pending--; });
+};
+// Resolves once the page has settled: no request in flight and every image of an open dialog loaded (or
+// failed), on two checks in a row. A request's follow-ups start in its own continuation, before the next
+// check runs, so this waits for conditions, not for a span of time that load could stretch.
+window.__tlora_settled = async () => {
+  for (let quiet = 0; quiet < 2; ) {
+    await new Promise(r => setTimeout(r, 100));
+    const images = window.__tlora_dialogs().flatMap(d => [...d.querySelectorAll('img')]);
+    quiet = (window.__tlora_pending > 0 || images.some(i => !i.complete)) ? 0 : quiet + 1;
+  }
+};
 """
+
+SETTLED_JS = "return window.__tlora_settled();"
 
 READY_JS = """
 return !!(window.app && window.app.graph && window.app.canvas && window.LiteGraph
@@ -76,7 +95,7 @@ return (async (workflow, name) => {
 const mark = window.__tlora_log.length;
 const toastsBefore = new Set([...document.querySelectorAll('.p-toast-message')]);
 await window.app.loadGraphData(structuredClone(workflow), true, true, name);
-await new Promise(r => setTimeout(r, 800));
+await window.__tlora_settled();  // what loading asks the server (e.g. the model lists) and shows after it
 window.app.canvas.setDirty(true, true);
 const registered = window.LiteGraph.registered_node_types;
 const nodes = window.app.graph.nodes.map(n => ({
@@ -175,7 +194,7 @@ class FrontEnd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.driver.execute_script(READY_JS):
-                time.sleep(1.0)  # let the start-up workflow and the first dialogs settle
+                self.driver.execute_script(SETTLED_JS)  # the start-up workflow and the first dialogs
                 self.close_dialogs()
                 return self
             time.sleep(0.5)
@@ -187,7 +206,7 @@ class FrontEnd:
         self.driver.execute_script(  # the button a screen reader announces as "Close" / "Close dialog"
             "for (const d of window.__tlora_dialogs()) for (const b of d.querySelectorAll('button[aria-label]'))"
             "  if (/^close\\b/i.test(b.getAttribute('aria-label'))) b.click();")
-        time.sleep(0.3)
+        self.driver.execute_script(SETTLED_JS)
 
     def fetch_json(self, route: str):
         """GET a route of the server from inside the page (same origin as the front end)."""
@@ -205,7 +224,7 @@ class FrontEnd:
             found = self.driver.execute_script(TEMPLATES_JS, pack, False)
             if found["category"]:
                 self.driver.execute_script(TEMPLATES_JS, pack, True)
-                time.sleep(1.5)  # thumbnails
+                self.driver.execute_script(SETTLED_JS)  # the thumbnails
                 return self.driver.execute_script(TEMPLATES_JS, pack, False)
             time.sleep(0.5)
         raise TimeoutError(f"the templates browser did not show a {pack!r} category within {timeout:.0f} s")
@@ -228,7 +247,7 @@ class FrontEnd:
         while time.monotonic() < deadline:
             types = self.driver.execute_script("return window.app.graph.nodes.map(n => n.type);")
             if expect_type in types:
-                time.sleep(0.5)
+                self.driver.execute_script(SETTLED_JS)
                 return self.driver.execute_script("return window.app.graph.nodes.map(n => n.type);")
             time.sleep(0.3)
         raise TimeoutError(f"after clicking the template {title!r} no {expect_type} node appeared within "

@@ -28,7 +28,7 @@ ARCHS = {
     "flux2": TinyFamily("flux2", {**_FLUX_KEYS, "double_stream_modulation_img.lin.weight": (1, 1),
                                   "img_in.weight": (H, 128), "txt_in.weight": (H, 64),
                                   "guidance_in.in_layer.weight": (H, 256)},
-                        {}, context=64, extra_cond={"guidance": 3.5}),
+                        {"num_heads": 2}, context=64, extra_cond={"guidance": 3.5}),
     "longcat": TinyFamily("longcat", {**_FLUX_KEYS, "img_in.weight": (H, 64), "txt_in.weight": (H, 3584)},
                           {}, context=3584),
     "hunyuan_video": TinyFamily("hunyuan_video", {**_HUNYUAN_KEYS, "img_in.proj.weight": (H, 16, 1, 2, 2),

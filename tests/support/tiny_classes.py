@@ -28,7 +28,8 @@ ARCHS = {
     "flux2": TinyFamily("flux2", {**_FLUX_KEYS, "double_stream_modulation_img.lin.weight": (1, 1),
                                   "img_in.weight": (H, 128), "txt_in.weight": (H, 64),
                                   "guidance_in.in_layer.weight": (H, 256)},
-                        {"num_heads": 2}, context=64, extra_cond={"guidance": 3.5}),
+                        {"num_heads": 2}, context=64, extra_cond={"guidance": 3.5},
+                        pooled=32),  # Flux.2 reads no pooled text; 0.3.75's Flux conditioning requires one
     "longcat": TinyFamily("longcat", {**_FLUX_KEYS, "img_in.weight": (H, 64), "txt_in.weight": (H, 3584)},
                           {}, context=3584),
     "hunyuan_video": TinyFamily("hunyuan_video", {**_HUNYUAN_KEYS, "img_in.proj.weight": (H, 16, 1, 2, 2),
@@ -54,9 +55,21 @@ ARCHS = {
                             "multiple_of": 32}, context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
 }
 
+def _tiny_unet(cls) -> dict:
+    """A one-level UNet config for an SD-style class from its own detection keys (text width, pooled /
+    ADM input, input channels, linear projections); width 64 instead of the model_channels it detects by."""
+    uc = cls.unet_config
+    adm = uc.get("adm_in_channels")
+    return {**tf.TINY_SDXL_UNET, "in_channels": uc.get("in_channels", 4), "context_dim": uc.get("context_dim", 1024),
+            "use_linear_in_transformer": uc["use_linear_in_transformer"], "adm_in_channels": adm,
+            "num_classes": "sequential" if adm else None}
+
+
 # class -> (architecture, what the class changes beyond its own unet_config)
 CLASSES = {
-    "SDXL": ("sdxl", {}), "Flux": ("flux_dev", {}), "FluxSchnell": ("flux_schnell", {}), "SD3": ("sd35", {}),
+    "SDXL": ("sdxl", {}), **{name: ("unet", {}) for name in (
+        "SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SDXLRefiner",
+        "SSD1B", "KOALA_700M", "KOALA_1B", "Segmind_Vega", "SDXL_instructpix2pix")}, "Flux": ("flux_dev", {}), "FluxSchnell": ("flux_schnell", {}), "SD3": ("sd35", {}),
     "Lumina2": ("lumina2", {}), "ZImage": ("zimage", {}), "QwenImage": ("qwen_image", {}),
     "Flux2": ("flux2", {}),
     "LongCatImage": ("longcat", {}),
@@ -90,8 +103,13 @@ def spec_for(class_name: str) -> TinyFamily:
     arch, changes = CLASSES[class_name]
     if arch in tf.TINY:
         return replace(tf.TINY[arch], config_class=class_name)
-    base = ARCHS[arch]
     cls = getattr(comfy.supported_models, class_name)
+    if arch == "unet":
+        unet = _tiny_unet(cls)
+        pooled = 1280 if (unet["adm_in_channels"] or 0) >= 2560 else 0  # SD-XL's pooled text in its ADM input
+        return TinyFamily(class_name, {}, {}, context=unet["context_dim"], pooled=pooled, config_class=class_name,
+                          unet_config=unet)
+    base = ARCHS[arch]
     frames = getattr(cls.latent_format, "latent_dimensions", 2) == 3
     overrides = {**cls.unet_config, **base.overrides, **changes}
     return replace(base, name=class_name, overrides=overrides, config_class=class_name, frames=frames)

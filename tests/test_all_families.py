@@ -221,3 +221,21 @@ def test_a_model_without_attention_projections_is_refused_by_name():
     patcher.model.diffusion_model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
     with pytest.raises(TLoraError, match="no attention projections.*NoAttentionNet"):
         find_target_layers(patcher.model, "attention")
+
+
+def test_a_slice_across_comfyuis_own_q_k_v_rows_is_refused():
+    """ComfyUI's key map names the q, k, v rows of Flux's fused qkv (its diffusers entries): a layout that
+    put an adapter across the q / k border would be caught before training."""
+    import dataclasses
+
+    from tlora_pack.tlora_core.errors import TLoraError
+    from tlora_pack.trainer.train import check_against_key_map, find_target_layers
+
+    patcher, _ = tf.build("flux_dev")
+    sites = find_target_layers(patcher.model, "attention")
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.q"
+    width = sites[key].rows[1]
+    check_against_key_map(patcher.model, {key: sites[key]})
+    wrong = dataclasses.replace(sites[key], rows=(width // 2, width))
+    with pytest.raises(TLoraError, match="cut across ComfyUI's projection"):
+        check_against_key_map(patcher.model, {key: wrong})

@@ -55,6 +55,7 @@ ARCHS = {
                             "multiple_of": 32}, context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
 }
 
+
 def _tiny_unet(cls) -> dict:
     """A one-level UNet config for an SD-style class from its own detection keys (text width, pooled /
     ADM input, input channels, linear projections); width 64 instead of the model_channels it detects by."""

@@ -30,7 +30,9 @@ from .errors import TLoraConfigError
 # How a fused output splits into projections: name -> (offset, size) given (out_features, in_features).
 # "qkv": q is as wide as the input (the model width); k and v share the rest (grouped-query attention
 # gives them fewer heads). "qkv_mlp": Flux single blocks' linear1, q, k, v of the model width, then the MLP.
-FUSED_LAYOUTS = ("qkv", "qkv_mlp")
+# "qkv_equal": three equal thirds whatever the input (Mochi's text-stream qkv_y reads a narrower text width).
+# "kv": k and v halves (PixArt's and HunyuanDiT's cross-attention kv_linear / kv_proj).
+FUSED_LAYOUTS = ("qkv", "qkv_mlp", "qkv_equal", "kv")
 AUTO = "auto"  # "the family's recipe", for the Train node's variant
 
 
@@ -48,6 +50,13 @@ def fused_rows(layout: str, out_features: int, in_features: int) -> dict[str, tu
             raise TLoraConfigError(f"a fused qkv+mlp weight of {out_features} outputs is too narrow for "
                                    f"q, k, v of {q} each and an MLP part.")
         return {"q": (0, q), "k": (q, q), "v": (2 * q, q), "mlp": (3 * q, out_features - 3 * q)}
+    if layout in ("qkv_equal", "kv"):
+        n = 3 if layout == "qkv_equal" else 2
+        size, rest = divmod(out_features, n)
+        if rest or size <= 0:
+            raise TLoraConfigError(f"a fused {layout} weight of {out_features} outputs does not split into {n} "
+                                   f"equal parts; this model's layout is not supported.")
+        return {part: (i * size, size) for i, part in enumerate(("q", "k", "v")[3 - n:])}
     raise TLoraConfigError(f"unknown fused layout {layout!r}; known: {', '.join(FUSED_LAYOUTS)}.")
 
 
@@ -145,14 +154,29 @@ class Recipe:
 class Family:
     name: str
     config_classes: tuple[str, ...]
-    targets: dict  # target set name -> tuple[TargetRule, ...]; "attention" is the paper's choice
+    # target set name -> tuple[TargetRule, ...]; "attention" is the paper's choice. None: the generic rule
+    # (`generic_sites`) finds the layers from the model itself.
+    targets: Optional[dict]
     recipe: Recipe
     note: str = ""
     # The model adds to its residual stream in place (ComfyUI's Flux blocks: `x += ...`) after saving
     # it for backward, which autograd refuses; training then keeps copies of the saved activations.
     inplace_residuals: bool = False
+    # For the generic rule: fused weights whose split it cannot infer from names and shapes (pattern, layout).
+    layouts: tuple[TargetRule, ...] = ()
+
+    def sites(self, diffusion_model: torch.nn.Module, targets: str) -> dict[str, "Site"]:
+        """Every adapter site of a target set in this family's diffusion model, in module order."""
+        if self.targets is None:
+            if targets not in TARGET_SETS:
+                raise TLoraConfigError(f"targets {targets!r} are not defined; choose one of {', '.join(TARGET_SETS)}.")
+            return generic_sites(diffusion_model, targets == "attention+feedforward", self.layouts)
+        return find_sites(diffusion_model, self.rules(targets))
 
     def rules(self, targets: str) -> tuple[TargetRule, ...]:
+        if self.targets is None:
+            raise TLoraConfigError(f"{self.name} has no fixed target rules: its layers come from the generic rule "
+                                   f"(Family.sites).")
         if targets not in self.targets:
             raise TLoraConfigError(f"targets {targets!r} are not defined for {self.name}; choose one of "
                                    f"{', '.join(self.targets)}.")
@@ -160,7 +184,7 @@ class Family:
 
     def all_rules(self) -> tuple[TargetRule, ...]:
         seen: dict = {}
-        for rules in self.targets.values():
+        for rules in (self.targets or {}).values():
             for rule in rules:
                 seen.setdefault(rule, None)
         return tuple(seen)
@@ -180,6 +204,8 @@ FLUX_REFERENCE = Recipe("vanilla_tlora", 32, 1, 1000, 1024, guidance=1.0, previe
                         optimizer="prodigy", sigma_draw="flow", crop="random")
 FLOW_DIT = dataclasses.replace(FLUX_REFERENCE, guidance=None,  # the FLUX recipe, for DiTs without guidance input
                                preview=Preview(cfg=4.0))
+# The paper's recipe for noise-prediction DiTs (PixArt, Hunyuan-DiT): SD-XL's size embedding is SD-XL's alone.
+NOISE_DIT = dataclasses.replace(PAPER, size_conditioning=False)
 QKV = ("q", "k", "v")
 
 _FLUX_ATTENTION = (
@@ -232,6 +258,25 @@ FAMILIES: tuple[Family, ...] = (
                 TargetRule(r"transformer_blocks\.\d+\.attn\.to_add_out"),
                 TargetRule(r"transformer_blocks\.\d+\.(img|txt)_mlp\.net\.(0\.proj|2)"))},
            FLOW_DIT, "Qwen-Image (separate q, k, v projections)"),
+    # Below: layers from the generic rule (targets None); an entry says only what differs, the recipe.
+    Family("Flux2", ("Flux2",), None, FLUX_REFERENCE, "Flux.2 dev and Klein (Flux blocks, shared modulation)",
+           inplace_residuals=True),
+    Family("LongCat-Image", ("LongCatImage",), None, FLOW_DIT, "Flux blocks without guidance input",
+           inplace_residuals=True),
+    Family("HunyuanVideo", ("HunyuanVideo",), None, FLOW_DIT,
+           "HunyuanVideo 1.0 / 1.5 and HunyuanImage 2.1 (Flux-style double and single blocks); trains from one "
+           "image as a one-frame video", inplace_residuals=True),
+    Family("Wan", ("WAN21_T2V",), None, FLOW_DIT,
+           "Wan 2.1 / 2.2 and their variants (self- and cross-attention q, k, v, o); trains from one image as a "
+           "one-frame video"),
+    Family("HiDream", ("HiDream",), None, FLOW_DIT, "image and text streams' q, k, v, out"),
+    Family("Kandinsky5", ("Kandinsky5",), None, FLOW_DIT, "Kandinsky 5 image and video"),
+    Family("AuraFlow", ("AuraFlow",), None, FLOW_DIT, "MMDiT with w1q/w2q ... projections"),
+    Family("Omnigen2", ("Omnigen2",), None, FLOW_DIT, "Omnigen 2"),
+    Family("GenmoMochi", ("GenmoMochi",), None, FLOW_DIT, "Mochi (qkv_x, qkv_y of another width)"),
+    Family("LTXV", ("LTXV",), None, FLOW_DIT, "LTX-Video"),
+    Family("PixArt", ("PixArtAlpha",), None, NOISE_DIT, "PixArt α / Σ (noise prediction: the paper's recipe)"),
+    Family("HunyuanDiT", ("HunyuanDiT",), None, NOISE_DIT, "Hunyuan-DiT (noise prediction: the paper's recipe)"),
 )
 TARGET_SETS = ("attention", "attention+feedforward")
 
@@ -277,3 +322,105 @@ def _rule_sites(rule: TargetRule, path: str, out_features: int, in_features: int
     for part in rule.parts:
         offset, size = rows[part]
         yield Site(f"{module_path}.{part}", module_path, (offset, size), in_features, size)
+
+
+# The generic rule: the attention projections of any transformer, read from its module tree and weight
+# shapes. A Linear's role comes from its own name (the last path part; a trailing index such as
+# `to_out.0` names the Sequential around it): q, k, v, output, fused qkv or fused kv, under the spellings
+# ComfyUI's models use (to_q, q, q_proj, wq, w1q, to_query, add_q_proj, to_q_t, q_linear, qkv, Wqkv,
+# qkv_x, img_attn_qkv, kv_linear, o, out, proj, to_out, out_proj, output_proj, out_layer, ...). A module
+# is an attention when its projections hold q, k and v (separate or fused); then every projection it
+# holds is adapted, the text stream's too. A Flux-style single-stream block (linear1 = q, k, v and the
+# MLP, linear2 beside it) gets q, k, v of linear1.
+_ROLES = (
+    ("qkv", re.compile(r"(?:\w+_)?w?qkv(?:_\w+)?", re.I)),
+    ("kv", re.compile(r"(?:to_|add_)?w?kv(?:_proj|_linear)?", re.I)),
+    ("q", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:q|query)(?:_proj|_linear|_t|_x|_y)?", re.I)),
+    ("k", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:k|key)(?:_proj|_linear|_t|_x|_y|_img)?", re.I)),
+    ("v", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:v|value)(?:_proj|_linear|_t|_x|_y|_img)?", re.I)),
+    ("out", re.compile(r"(?:to_|add_|to_add_)?(?:w\d?o|o|out|proj|output)(?:_proj|_layer|_t|_x|_y)?|"
+                       r"(?:img|txt)_attn_proj", re.I)),
+)
+_FEEDFORWARD = re.compile(r"(?:\w+_)?(?:mlp|ff|ffn|feed_forward|feedforward)(?:_\w+)?", re.I)
+_PARTS = {"qkv": QKV, "qkv_equal": QKV, "qkv_mlp": QKV, "kv": ("k", "v")}
+
+
+def _role_of(path: str) -> tuple[str, Optional[str]]:
+    """(attention module path, role) of a Linear from its name; role None when the name is no projection."""
+    parts = path.split(".")
+    if len(parts) > 1 and parts[-1].isdigit():
+        parts = parts[:-1]
+    name = parts[-1]
+    role = next((r for r, pattern in _ROLES if pattern.fullmatch(name)), None)
+    return ".".join(parts[:-1]), role
+
+
+def infer_qkv_layout(out_features: int, in_features: int) -> Optional[str]:
+    """How a fused qkv weight splits: q as wide as the input and k, v no wider (grouped-query too), else
+    three equal parts (a qkv reading another width, Mochi's text stream); None when neither fits."""
+    kv, rest = divmod(out_features - in_features, 2)
+    if out_features > in_features and not rest and 0 < kv <= in_features:
+        return "qkv"
+    return "qkv_equal" if out_features % 3 == 0 else None
+
+
+def _attention_choices(linears: dict, layouts: tuple[TargetRule, ...]) -> dict[str, tuple[Optional[str], tuple]]:
+    """path -> (layout, parts) of every projection in an attention module, and of single-stream linear1."""
+    by_parent: dict[str, dict[str, str]] = {}
+    for path in linears:
+        parent, role = _role_of(path)
+        if role is not None:
+            by_parent.setdefault(parent, {})[path] = role
+    chosen: dict[str, tuple[Optional[str], tuple]] = {}
+    for members in by_parent.values():
+        roles = set(members.values())
+        if not ({"q", "k", "v"} <= roles or "qkv" in roles or {"q", "kv"} <= roles):
+            continue
+        for path, role in members.items():
+            out_features, in_features = linears[path]
+            layout = infer_qkv_layout(out_features, in_features) if role == "qkv" else "kv" if role == "kv" else None
+            if role in ("qkv", "kv") and layout is None:
+                raise TLoraConfigError(f"{path}: a fused {role} weight of {out_features} x {in_features} splits no "
+                                       f"way the generic rule knows; give the family a layout for it.")
+            chosen[path] = (layout, _PARTS.get(layout, ()))
+    for path, (out_features, in_features) in linears.items():
+        parent, _, name = path.rpartition(".")
+        if name == "linear1" and f"{parent}.linear2" in linears and out_features > 3 * in_features:
+            chosen.setdefault(path, ("qkv_mlp", QKV))
+    for path in chosen:  # the family's own layouts win over inferred ones
+        rule = next((r for r in layouts if re.fullmatch(r.pattern, path)), None)
+        if rule is not None:
+            chosen[path] = (rule.layout, rule.parts or _PARTS.get(rule.layout, ()))
+    return chosen
+
+
+def generic_sites(diffusion_model: torch.nn.Module, feedforward: bool = False,
+                  layouts: tuple[TargetRule, ...] = ()) -> dict[str, Site]:
+    """Adapter sites of the generic rule, in module order: attention projections (each part of a fused
+    weight on its own rows); with `feedforward`, also every Linear under an MLP / feed-forward module,
+    single-stream blocks' linear1 MLP part and linear2."""
+    linears = {path: tuple(m.weight.shape) for path, m in diffusion_model.named_modules()
+               if isinstance(m, torch.nn.Linear) and getattr(m, "weight", None) is not None and m.weight.dim() == 2}
+    chosen = _attention_choices(linears, layouts)
+    if feedforward:
+        for path, (layout, parts) in list(chosen.items()):
+            if layout == "qkv_mlp":
+                chosen[path] = (layout, parts + ("mlp",))
+                chosen.setdefault(path.rsplit(".", 1)[0] + ".linear2", (None, ()))
+        for path in linears:
+            if path not in chosen and any(_FEEDFORWARD.fullmatch(p) for p in path.split(".")[:-1]):
+                chosen[path] = (None, ())
+    sites: dict[str, Site] = {}
+    for path, (out_features, in_features) in linears.items():
+        if path in chosen:
+            layout, parts = chosen[path]
+            for site in _rule_sites(TargetRule(re.escape(path), layout, parts), path, out_features, in_features):
+                sites[site.layer_key] = site
+    return sites
+
+
+def generic_family(config_class: str, flow: bool) -> Family:
+    """The entry for a model class the table does not list: the generic rule, and the FLUX recipe for a
+    flow model or the paper's SD-XL recipe for a noise-prediction one."""
+    return Family(config_class, (config_class,), None, FLOW_DIT if flow else NOISE_DIT,
+                  "not in the table: layers from the generic rule")

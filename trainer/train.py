@@ -10,13 +10,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+import comfy.lora
 import comfy.model_management as mm
+import comfy.model_sampling
 import comfy.patcher_extension as pe
 
 from ..tlora_core.adapter import TRAINABLE_FIELDS, LayerFactors
 from ..tlora_core.config import TLoraConfig
 from ..tlora_core.errors import TLoraError
-from ..tlora_core.families import FAMILIES, Family, Recipe, Site, family_for, find_sites
+from ..tlora_core.families import FAMILIES, Family, Recipe, Site, family_for, generic_family
 from ..tlora_core.format import TLora, load_tlora
 from ..tlora_core.init import init_factors
 from .data import prepare_images, source_side
@@ -41,24 +43,56 @@ class TrainResult:
 
 
 def model_family(base_model) -> Family:
-    """The family table entry of a ComfyUI BaseModel, from its config class and that class's bases."""
+    """The family table entry of a ComfyUI BaseModel, from its config class and that class's bases; a class
+    the table does not list gets the generic rule (tlora_core.families.generic_family)."""
     names = [cls.__name__ for cls in type(base_model.model_config).__mro__]
     family = family_for(names)
     if family is None:
-        raise TLoraError(f"T-LoRA training does not know the model family {names[0]} yet; it supports "
-                         f"{', '.join(f.name for f in FAMILIES)}.")
+        flow = isinstance(base_model.model_sampling, comfy.model_sampling.CONST)
+        family = generic_family(names[0], flow)
     return family
 
 
 def find_target_layers(base_model, targets: str) -> dict[str, Site]:
-    """The adapter sites of a target set in a ComfyUI BaseModel (one per projection of fused weights)."""
+    """The adapter sites of a target set in a ComfyUI BaseModel (one per projection of fused weights),
+    checked against ComfyUI's LoRA key map. A model the table does not list logs every adapted layer."""
     family = model_family(base_model)
-    rules = family.rules(targets)
-    sites = find_sites(base_model.diffusion_model, rules)
+    sites = family.sites(base_model.diffusion_model, targets)
+    name = type(base_model.model_config).__name__
     if not sites:
-        raise TLoraError(f"this {type(base_model.model_config).__name__} model has no layers matching the "
-                         f"{family.name} {targets!r} targets ({', '.join(r.pattern for r in rules)}).")
+        raise TLoraError(f"T-LoRA found no attention projections to adapt in this {name} model "
+                         f"({type(base_model.diffusion_model).__name__}, {targets!r} targets): it cannot train it. "
+                         f"Supported families: {', '.join(f.name for f in FAMILIES)}.")
+    check_against_key_map(base_model, sites)
+    if family_for([cls.__name__ for cls in type(base_model.model_config).__mro__]) is None:
+        logging.warning("T-LoRA: %s is not in the family table; the generic rule adapts %d layers: %s", name,
+                        len(sites), ", ".join(sites))
     return sites
+
+
+def check_against_key_map(base_model, sites: dict[str, Site]):
+    """Every site's weight is one ComfyUI's LoRA key map resolves (so an exported LoRA loads in its stock
+    loader), and a slice of a fused weight never cuts across a projection that key map knows (its
+    diffusers-style entries name q, k, v rows of Flux, SD3, PixArt, HunyuanVideo, ... weights)."""
+    weights, slices = set(), {}
+    for target in comfy.lora.model_lora_keys_unet(base_model, {}).values():
+        if isinstance(target, str) or target[1] is None:  # a whole weight, or (weight, no slice)
+            weights.add(target if isinstance(target, str) else target[0])
+        elif len(target[1]) >= 3 and target[1][0] == 0:
+            slices.setdefault(target[0], set()).add((target[1][1], target[1][2]))
+    for key, site in sites.items():
+        weight = f"{site.module_path}.weight"
+        if weight not in weights and weight not in slices:
+            raise TLoraError(f"{weight} is not in ComfyUI's LoRA key map for this model: a T-LoRA on {key} could "
+                             f"not be exported to a LoRA its loader reads.")
+        if site.rows is None:
+            continue
+        start, end = site.rows[0], site.rows[0] + site.rows[1]
+        for offset, size in slices.get(weight, ()):
+            inside = offset <= start and end <= offset + size or start <= offset and offset + size <= end
+            if not inside and start < offset + size and offset < end:
+                raise TLoraError(f"{key}: rows {start}..{end} of {weight} cut across ComfyUI's projection at rows "
+                                 f"{offset}..{offset + size}; this model's fused layout was not inferred right.")
 
 
 def fused_record(base_model, sites: dict[str, Site]) -> dict[str, list]:

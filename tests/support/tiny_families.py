@@ -90,12 +90,16 @@ def _meta_state_dict(keys: dict) -> dict:
 
 def build(name: str, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):
     """(ModelPatcher, TinyFamily) of a tiny random model of family `name` (a key of TINY)."""
+    return build_spec(TINY[name], seed, weight_dtype, compute_dtype)
+
+
+def build_spec(spec: TinyFamily, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):
+    """(ModelPatcher, TinyFamily) of the tiny random model a TinyFamily describes."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    spec = TINY[name]
     sd = _meta_state_dict(spec.keys)
     unet_config = dict(spec.unet_config) or comfy.model_detection.detect_unet_config(sd, "")
     unet_config.update(spec.overrides)
@@ -104,7 +108,7 @@ def build(name: str, seed: int = 0, weight_dtype: torch.dtype = torch.float32, c
     else:
         model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
     if model_config is None:
-        raise RuntimeError(f"ComfyUI found no model config for tiny {name}: {unet_config}")
+        raise RuntimeError(f"ComfyUI found no model config for tiny {spec.name}: {unet_config}")
     model_config.set_inference_dtype(weight_dtype, compute_dtype)
     model = model_config.get_model({}, "", device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,127 @@
+"""Tiny random models of every generative class of the host's `comfy.supported_models` that can be built tiny.
+
+Each class is built by ComfyUI itself: its detector reads a few shaped (meta) tensors named as in a real
+checkpoint of that architecture, the class's own `unet_config` (its detection keys: model type, input
+channels, ...) goes on top, then only sizes shrink (width, heads, depth). The classes the earlier tiny
+DiTs cover (support.tiny_families) reuse those. `NOT_TINY` lists every other class of ComfyUI 0.33.0's
+file, with why it is not built here.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from support import tiny_families as tf
+from support.tiny_families import TinyFamily
+
+H = 256  # hidden width of the DiTs whose detector fixes the head dim at 128 (rope axes): 2 heads
+
+_FLUX_KEYS = {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "single_blocks.0.linear1.weight": (1, 1)}
+_HUNYUAN_KEYS = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (H,), "txt_in.input_embedder.weight": (H, 64),
+                 "double_blocks.0.img_attn.norm.key_norm.weight": (1,), "single_blocks.0.linear1.weight": (1, 1)}
+_WAN_KEYS = {"head.modulation": (1, 2, H), "head.head.weight": (16 * 4, H), "blocks.0.ffn.0.weight": (64, H),
+             "patch_embedding.weight": (H, 16, 1, 2, 2)}
+
+# Architectures (by the classes' image_model or family) the earlier tiny DiTs do not cover.
+ARCHS = {
+    "flux2": TinyFamily("flux2", {**_FLUX_KEYS, "double_stream_modulation_img.lin.weight": (1, 1),
+                                  "img_in.weight": (H, 128), "txt_in.weight": (H, 64),
+                                  "guidance_in.in_layer.weight": (H, 256)},
+                        {"num_heads": 2}, context=64, extra_cond={"guidance": 3.5},
+                        pooled=32),  # Flux.2 reads no pooled text; 0.3.75's Flux conditioning requires one
+    "longcat": TinyFamily("longcat", {**_FLUX_KEYS, "img_in.weight": (H, 64), "txt_in.weight": (H, 3584)},
+                          {}, context=3584),
+    "hunyuan_video": TinyFamily("hunyuan_video", {**_HUNYUAN_KEYS, "img_in.proj.weight": (H, 16, 1, 2, 2),
+                                                  "final_layer.linear.weight": (16 * 4, H),
+                                                  "vector_in.in_layer.weight": (H, 768)},
+                                {}, context=64, pooled=768),
+    "wan": TinyFamily("wan", _WAN_KEYS, {}, context=4096),
+    "kandinsky5": TinyFamily("kandinsky5", {
+        "visual_transformer_blocks.0.cross_attention.key_norm.weight": (1,), "visual_embeddings.in_layer.bias": (H,),
+        "visual_embeddings.in_layer.weight": (H, 132), "time_embeddings.in_layer.bias": (64,),
+        "visual_transformer_blocks.0.feed_forward.in_layer.weight": (128, H),
+        "text_transformer_blocks.0.x.weight": (1,)},
+        {"model_dim": H, "ff_dim": 128, "time_dim": 64, "axes_dims": (16, 24, 24)}, context=3584, pooled=768),
+    "aura": TinyFamily("aura", {"double_layers.0.attn.w1q.weight": (1, 1), "positional_encoding": (1, 1024, 128),
+                                "cond_seq_linear.weight": (128, 2048), "single_layers.0.x.weight": (1,)},
+                       {"dim": 128, "n_heads": 2, "global_conddim": 128}, context=2048),
+    "pixart": TinyFamily("pixart", {"t_block.1.weight": (1, 1), "pos_embed": (1, 256, 128),
+                                    "blocks.0.x.weight": (1,)},
+                         {"hidden_size": 192, "num_heads": 2, "caption_channels": 64, "pe_interpolation": 1.0}, context=64),
+    "omnigen2": TinyFamily("omnigen2", {"time_caption_embed.timestep_embedder.linear_1.bias": (1,)},
+                           {"hidden_size": 120, "num_attention_heads": 3, "num_kv_heads": 1, "axes_dim_rope": [8, 16, 16],
+                            "axes_lens": [300, 64, 64], "num_layers": 1, "num_refiner_layers": 1, "text_feat_dim": 64,
+                            "multiple_of": 32}, context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+}
+
+
+def _tiny_unet(cls) -> dict:
+    """A one-level UNet config for an SD-style class from its own detection keys (text width, pooled /
+    ADM input, input channels, linear projections); width 64 instead of the model_channels it detects by."""
+    uc = cls.unet_config
+    adm = uc.get("adm_in_channels")
+    return {**tf.TINY_SDXL_UNET, "in_channels": uc.get("in_channels", 4), "context_dim": uc.get("context_dim", 1024),
+            "use_linear_in_transformer": uc["use_linear_in_transformer"], "adm_in_channels": adm,
+            "num_classes": "sequential" if adm else None}
+
+
+# class -> (architecture, what the class changes beyond its own unet_config)
+CLASSES = {
+    "SDXL": ("sdxl", {}), **{name: ("unet", {}) for name in (
+        "SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SDXLRefiner",
+        "SSD1B", "KOALA_700M", "KOALA_1B", "Segmind_Vega", "SDXL_instructpix2pix")}, "Flux": ("flux_dev", {}), "FluxSchnell": ("flux_schnell", {}), "SD3": ("sd35", {}),
+    "Lumina2": ("lumina2", {}), "ZImage": ("zimage", {}), "QwenImage": ("qwen_image", {}),
+    "Flux2": ("flux2", {}),
+    "LongCatImage": ("longcat", {}),
+    "HunyuanVideo": ("hunyuan_video", {}),
+    "HunyuanVideo15": ("hunyuan_video", {"vec_in_dim": None, "in_channels": 65, "out_channels": 32}),
+    "HunyuanImage21": ("hunyuan_video", {"in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
+                                         "axes_dim": [64, 64]}),
+    "WAN21_T2V": ("wan", {}), "WAN21_I2V": ("wan", {}), "WAN22_T2V": ("wan", {"in_dim": 48}),
+    "WAN21_FlowRVS": ("wan", {}), "WAN21_CausalAR_T2V": ("wan", {}), "WAN21_FunControl2V": ("wan", {}),
+    "WAN21_Camera": ("wan", {}), "WAN22_Camera": ("wan", {}),
+    "HunyuanVideoI2V": ("hunyuan_video", {}), "HunyuanVideoSkyreelsI2V": ("hunyuan_video", {}),
+    "Kandinsky5": ("kandinsky5", {}), "Kandinsky5Image": ("kandinsky5", {"axes_dims": (16, 24, 24)}),
+    "AuraFlow": ("aura", {}),
+    "PixArtAlpha": ("pixart", {"micro_condition": True}), "PixArtSigma": ("pixart", {"micro_condition": False}),
+    "Omnigen2": ("omnigen2", {}),
+}
+
+
+# Image size in px where 64 is too small for the model (PixArt rounds its latent size / 64 for its positional embedding: at least 48 latent rows).
+SIZES = {"PixArtAlpha": 384, "PixArtSigma": 384}
+
+
+def size_for(class_name: str) -> int:
+    return SIZES.get(class_name, 64)
+
+
+def spec_for(class_name: str) -> TinyFamily:
+    """The TinyFamily that builds class `class_name` of this host tiny."""
+    import comfy.supported_models
+
+    arch, changes = CLASSES[class_name]
+    if arch in tf.TINY:
+        return replace(tf.TINY[arch], config_class=class_name)
+    cls = getattr(comfy.supported_models, class_name)
+    if arch == "unet":
+        unet = _tiny_unet(cls)
+        pooled = 1280 if (unet["adm_in_channels"] or 0) >= 2560 else 0  # SD-XL's pooled text in its ADM input
+        return TinyFamily(class_name, {}, {}, context=unet["context_dim"], pooled=pooled, config_class=class_name,
+                          unet_config=unet)
+    base = ARCHS[arch]
+    frames = getattr(cls.latent_format, "latent_dimensions", 2) == 3
+    overrides = {**cls.unet_config, **base.overrides, **changes}
+    return replace(base, name=class_name, overrides=overrides, config_class=class_name, frames=frames)
+
+
+def host_classes() -> list[str]:
+    """The classes of CLASSES this host's supported_models has ([] where no ComfyUI is found: the tests skip)."""
+    try:
+        import comfy.supported_models
+    except ImportError:
+        return []
+
+    have = {cls.__name__ for cls in comfy.supported_models.models}
+    return [name for name in CLASSES if name in have]

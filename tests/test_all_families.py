@@ -1,0 +1,241 @@
+"""Every generative class of the host's comfy.supported_models that can be built tiny: two training steps with
+the family's recipe (what the Train node resolves), Apply = a hand-built dense W + dW(t) at three sigmas with
+r(t) from the paper's t, and the exact export read by ComfyUI's stock LoRA loader.
+
+The classes come from the host (0.3.75 has fewer); support.tiny_classes builds each with the host's own
+detector and the class's own unet_config. NOT_TINY names every other class of ComfyUI 0.33.0's
+supported_models, with the reason it is not built here (the README counts them).
+"""
+import logging
+
+import pytest
+import torch
+
+from support import tiny_classes as tc
+from support import tiny_families as tf
+from support.dense import dense_delta, paper_rank
+from support.predict import predict_x0
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+RANK, MIN_RANK = 4, 1
+
+_GEN_VIDEO = "a generator whose tiny build needs its own conditioning inputs (not done yet)"
+NOT_TINY = {
+    "SD_X4Upscaler": "its UNet's noise-level input (num_classes 1000 + a low-res concat) has no tiny config here",
+    "Stable_Zero123": "builds its cc_projection from checkpoint weights (get_model reads them from the state dict)",
+    **{name: "a video UNet at full width (model_channels 320 is a detection key)" for name in
+       ("SVD_img2vid", "SV3D_u", "SV3D_p")},
+    "Boogu": "Omnigen 2's successor with its own constructor (no text_feat_dim); its tiny config is not written yet",
+    "FluxInpaint": "Flux with 96 input channels (mask + masked image inputs); the Flux entry covers its blocks",
+    "ChromaRadiance": "its detector needs the NeRF pixel head's keys; Chroma's Flux blocks are covered by Flux",
+    "Chroma": "Chroma's detector needs its distilled-guidance approximator's keys; its blocks are Flux's",
+    "HunyuanImage21Refiner": "HunyuanImage 2.1's refiner (3-D patches of 64 channels); HunyuanImage21 covers it",
+    "HunyuanVideo15_SR_Distilled": "HunyuanVideo 1.5's super-resolution stage (98 input channels)",
+    **{name: "a Wan 2.1 variant whose forward needs its own control inputs (vace, camera, audio, pose, ...); "
+             "WAN21_T2V / WAN21_I2V / WAN22_T2V cover the network" for name in
+       ("WAN21_Vace", "WAN22_S2V", "WAN21_HuMo", "WAN22_Animate", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2",
+        "WAN22_WanDancer")},
+    **{name: _GEN_VIDEO for name in
+       ("HiDream", "HiDreamO1", "GenmoMochi", "LTXV", "LTXAV", "HunyuanDiT", "HunyuanDiT1", "CosmosT2V", "CosmosI2V",
+        "CosmosT2IPredict2", "CosmosI2VPredict2", "Anima", "CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint",
+        "Stable_Cascade_C", "Stable_Cascade_B", "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
+        "ErnieImage", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},
+    # not image or video generators
+    **{name: "audio model" for name in ("StableAudio", "StableAudio3", "ACEStep", "ACEStep15", "MiniMaxMusic3")},
+    **{name: "3-D model" for name in ("Hunyuan3Dv2", "Hunyuan3Dv2_1", "Hunyuan3Dv2mini", "TripoSplat", "Trellis2")},
+    **{name: "not a diffusion generator (detection, segmentation, depth)" for name in
+       ("RT_DETR_v4", "SAM3", "SAM31", "DepthAnything3")},
+}
+
+
+def test_every_class_of_the_host_is_covered_or_listed(comfy):
+    """Nothing of the host's supported_models is silently left out."""
+    import comfy.supported_models
+
+    names = [cls.__name__ for cls in comfy.supported_models.models]
+    missing = [n for n in names if n not in tc.CLASSES and n not in NOT_TINY]
+    assert not missing, f"classes neither built tiny nor listed with a reason: {missing}"
+    assert not set(tc.CLASSES) & set(NOT_TINY)
+
+
+def _sigma_and_t(patcher, fraction):
+    """A sigma at `fraction` of the noise range and the paper's t there, by hand: 1000·sigma for the flow
+    samplings, a discrete sampling's own sigma table entry and its index otherwise (Wan FlowRVS predicts
+    flow on the discrete SD table)."""
+    import comfy.model_sampling as ms
+
+    sampling = patcher.model.model_sampling
+    if isinstance(sampling, (ms.ModelSamplingDiscreteFlow, ms.ModelSamplingFlux)):
+        return fraction, 1000 * fraction
+    assert isinstance(sampling, ms.ModelSamplingDiscrete), type(sampling).__mro__
+    t = int(999 * fraction)
+    return float(sampling.sigmas[t]), t
+
+
+@pytest.fixture(scope="module", params=tc.host_classes())
+def trained(request, tmp_path_factory):
+    """(class name, patcher, spec, TrainResult) after 2 steps with the family's recipe, saved in fp32."""
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import model_family, train_tlora
+
+    name = request.param
+    patcher, spec = tf.build_spec(tc.spec_for(name))
+    assert type(patcher.model.model_config).__name__ == name
+    recipe = model_family(patcher.model).recipe.resolve("auto", RANK, MIN_RANK, 2)
+    size = tc.size_for(name)
+    settings = TrainSettings(**recipe, resolution=size, storage="fp32")  # the family's optimiser at its own rate
+    result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, size, size, 3), None, settings,
+                         str(tmp_path_factory.mktemp(name)), f"all/{name}", conditioning=tf.conditioning(spec))
+    return name, patcher, spec, result
+
+
+def _moved(tlora, seed=1):
+    """The same T-LoRA with every factor moved, so each slice's dW is clearly non-zero."""
+    from tlora_pack.tlora_core.adapter import LayerFactors
+    from tlora_pack.tlora_core.format import TLora
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = {k: LayerFactors(**{n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in f.tensors().items()})
+              for k, f in tlora.layers.items()}
+    return TLora(tlora.config, layers)
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """A second copy of the class's tiny model (same seed) and its own weights as built."""
+    patcher, _ = tf.build_spec(tc.spec_for(trained[0]))
+    return patcher, {k: v.clone() for k, v in patcher.model.state_dict().items()}
+
+
+def _with_delta(reference, tlora, keep):
+    """The reference model with weights W + dW(keep) set by hand, fused projections in the rows the file
+    records."""
+    patcher, weights = reference
+    with torch.no_grad():
+        patcher.model.load_state_dict(weights)
+        for key, f in tlora.layers.items():
+            if key in tlora.config.fused:
+                module, offset, size, _ = tlora.config.fused[key]
+                patcher.model.get_submodule(module).weight[offset:offset + size] += dense_delta(f, keep)
+            else:
+                patcher.model.get_submodule(key).weight += dense_delta(f, keep)
+    return patcher
+
+
+def test_two_steps_train_every_adapter_of_the_family(trained):
+    from tlora_pack.trainer.train import find_target_layers, model_family
+
+    name, patcher, _, result = trained
+    family = model_family(patcher.model)
+    cfg = result.tlora.config
+    assert cfg.family == family.name and cfg.variant == family.recipe.variant
+    assert len(result.losses) == 2 and result.saved[-1].is_file()
+    assert set(result.tlora.layers) == set(find_target_layers(patcher.model, "attention"))
+    moved = [k for k, f in result.tlora.layers.items()
+             if not (torch.equal(f.up, f.base_up) if f.has_base else torch.count_nonzero(f.up) == 0)]
+    assert len(moved) > len(result.tlora.layers) // 2, f"{name}: most adapters must receive a gradient"
+
+
+@pytest.mark.parametrize("fraction", [0.97, 0.5, 0.1])
+def test_apply_equals_dense_weights_with_the_paper_t(trained, reference, fraction):
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    name, patcher, spec, result = trained
+    tlora = _moved(result.tlora)
+    applied, runtime = apply_tlora(patcher, tlora, 1.0)
+    cond = tf.conditioning(spec)
+    size = tc.size_for(name)
+    x = torch.randn(tf.latent_shape(patcher, spec, 1, size), generator=torch.Generator().manual_seed(3))
+    sigma, t = _sigma_and_t(patcher, fraction)
+    got = predict_x0(applied, cond, x, [sigma])
+    keep = paper_rank(t, RANK, MIN_RANK)
+    assert runtime.last.ranks == [keep], (runtime.last.ranks, keep)
+    want = predict_x0(_with_delta(reference, tlora, keep), cond, x, [sigma])
+    effect = (want - predict_x0(patcher, cond, x, [sigma])).norm()
+    assert effect > 1e-5 * want.norm(), f"{name}: the T-LoRA changes the output"
+    assert (got - want).norm() < 1e-3 * effect, name
+
+
+def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
+    import comfy.sd
+
+    from tlora_pack.tlora_core.export import export_standard_lora
+    from tlora_pack.trainer.runtime import apply_tlora
+
+    name, patcher, spec, result = trained
+    tlora = _moved(result.tlora)
+    sigma, t = _sigma_and_t(patcher, 0.3)
+    lora, report = export_standard_lora(tlora, timestep=t, storage="fp32")
+    with caplog.at_level(logging.WARNING):
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    assert "not loaded" not in caplog.text, name
+    cond = tf.conditioning(spec)
+    x = torch.randn(tf.latent_shape(patcher, spec, 1, tc.size_for(name)), generator=torch.Generator().manual_seed(4))
+    want = predict_x0(apply_tlora(patcher, tlora, 1.0)[0], cond, x, [sigma])
+    got = predict_x0(loaded, cond, x, [sigma])
+    assert (got - want).norm() / want.norm() < 1e-5, name
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux_dev", "sd35", "lumina2", "qwen_image"])
+def test_the_generic_rule_finds_every_site_of_the_hand_written_rules(name):
+    """On the families with hand-written rules, the generic rule finds the same sites with the same rows
+    (and more: the text stream's output projections, which those rules leave to "attention+feedforward")."""
+    from tlora_pack.tlora_core.families import generic_sites
+    from tlora_pack.trainer.train import find_target_layers
+
+    patcher, _ = tf.build(name)
+    explicit = find_target_layers(patcher.model, "attention")
+    generic = generic_sites(patcher.model.diffusion_model)
+    assert all(generic.get(key) == site for key, site in explicit.items()), name
+    extra = set(generic) - set(explicit)
+    assert all(key.endswith(("proj", "to_add_out")) for key in extra), sorted(extra)
+
+
+def _as_class(patcher, class_name):
+    """The patcher's model presented as a config class the family table does not list."""
+    import comfy.supported_models_base
+
+    unknown = type(class_name, (comfy.supported_models_base.BASE,), {})
+    patcher.model.model_config.__class__ = unknown
+    return patcher
+
+
+def test_a_model_of_an_unknown_class_trains_with_the_generic_rule_and_logs_its_layers(caplog):
+    from tlora_pack.trainer.train import find_target_layers, model_family
+
+    patcher = _as_class(tf.build("qwen_image")[0], "SomeNewDiT")
+    family = model_family(patcher.model)
+    assert family.name == "SomeNewDiT" and family.recipe.variant == "vanilla_tlora"  # a flow model: FLUX recipe
+    with caplog.at_level(logging.WARNING):
+        sites = find_target_layers(patcher.model, "attention")
+    assert "SomeNewDiT is not in the family table" in caplog.text
+    assert all(key in caplog.text for key in sites) and len(sites) == 8
+
+
+def test_a_model_without_attention_projections_is_refused_by_name():
+    from tlora_pack.tlora_core.errors import TLoraError
+    from tlora_pack.trainer.train import find_target_layers
+
+    patcher = _as_class(tf.build("qwen_image")[0], "NoAttentionNet")
+    patcher.model.diffusion_model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    with pytest.raises(TLoraError, match="no attention projections.*NoAttentionNet"):
+        find_target_layers(patcher.model, "attention")
+
+
+def test_a_slice_across_comfyuis_own_q_k_v_rows_is_refused():
+    """ComfyUI's key map names the q, k, v rows of Flux's fused qkv (its diffusers entries): a layout that
+    put an adapter across the q / k border would be caught before training."""
+    import dataclasses
+
+    from tlora_pack.tlora_core.errors import TLoraError
+    from tlora_pack.trainer.train import check_against_key_map, find_target_layers
+
+    patcher, _ = tf.build("flux_dev")
+    sites = find_target_layers(patcher.model, "attention")
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.q"
+    width = sites[key].rows[1]
+    check_against_key_map(patcher.model, {key: sites[key]})
+    wrong = dataclasses.replace(sites[key], rows=(width // 2, width))
+    with pytest.raises(TLoraError, match="cut across ComfyUI's projection"):
+        check_against_key_map(patcher.model, {key: wrong})

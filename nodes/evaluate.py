@@ -172,8 +172,8 @@ class TLoraEvaluate(io.ComfyNode):
         found = candidates(model, files, tlora, r_mins, gains)
         asked = prompt_pairs(prompts, trigger, class_word)
         bar = ProgressBar(len(found) * len(asked) * images_per_prompt, node_id=cls.hidden.unique_id)
-        scores = evaluate(model, clip, vae, clip_vision, ts_clip or clip, image, found, asked, settings,
-                          progress=lambda done, total: bar.update_absolute(done, total), dino=dino)
+        scores = evaluate(model, clip, vae, clip_vision, image, found, asked, settings,
+                          progress=lambda done, total: bar.update_absolute(done, total), ts_clip=ts_clip, dino=dino)
         verdict = choose(scores)
         plot = tradeoff_image([(s.image_similarity, s.text_similarity) for s in scores],
                               [s.candidate.label() for s in scores], verdict.front, verdict.best)

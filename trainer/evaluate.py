@@ -79,7 +79,8 @@ class Score:
 def image_embeds(clip_vision, images: torch.Tensor) -> torch.Tensor:
     """CLIP_VISION's projected embedding of each image of an IMAGE batch ([B, H, W, C]) -> [B, D] float32,
     with ComfyUI's CLIP preprocessing (resize the short side, centre crop, the encoder's mean / std)."""
-    return clip_vision.encode_image(images[..., :3])["image_embeds"].float().reshape(images.shape[0], -1)
+    with torch.no_grad():
+        return clip_vision.encode_image(images[..., :3])["image_embeds"].float().reshape(images.shape[0], -1)
 
 
 def _projection(clip):
@@ -90,41 +91,44 @@ def _projection(clip):
     return getattr(getattr(tower, "transformer", None), "text_projection", None)
 
 
-def projected_pooled(clip, text: str) -> torch.Tensor:
-    """[1, D]: the text's pooled output projected into CLIP's joint image-text space. ComfyUI projects it
-    itself for towers that feed a model that way (SD-XL's CLIP-G, SD 2.x's CLIP-H); SD 1.x's CLIP-L is
-    unprojected there, so its own text_projection layer is applied here."""
+def projected_pooled(clip, text: str, own_projection: bool) -> torch.Tensor:
+    """[1, D]: the text's pooled output projected into CLIP's joint image-text space.
+
+    ComfyUI projects it itself for towers whose model uses it that way (SD-XL's CLIP-G, SD 2.x's CLIP-H:
+    their checkpoints carry the projection). SD 1.x's CLIP-L is left unprojected, and SD 1.x checkpoints
+    do not even hold its projection (ComfyUI leaves that layer unset), so the tower's own text_projection
+    is applied only when `own_projection` says the user connected a full CLIP file for it.
+    """
     tokens = clip.tokenize(text)
     _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     _, raw = clip.encode_from_tokens(tokens, return_pooled="unprojected")
     if pooled is None or raw is None:
         raise TLoraError("the text encoder for TS gives no pooled output; connect a CLIP text tower (the twin of "
                          "clip_vision, loaded with Load CLIP) to 'ts_clip'.")
-    if torch.equal(pooled, raw):
-        layer = _projection(clip)
-        if layer is None:
-            raise TLoraError("the text encoder for TS has no text projection into CLIP's image-text space; connect "
-                             "clip_vision's own text tower (the same CLIP file, loaded with Load CLIP) to 'ts_clip'.")
-        with torch.no_grad():
-            pooled = layer(raw.to(layer.weight.device, torch.float32))
-    return pooled.float().reshape(1, -1).cpu()
+    if not torch.equal(pooled, raw):
+        return pooled.float().reshape(1, -1).cpu()
+    layer = _projection(clip)
+    if not own_projection or layer is None:
+        raise TLoraError("TS needs text embeddings in clip_vision's space, and this CLIP's pooled output is not "
+                         "projected there (SD 1.x checkpoints do not hold CLIP-L's text projection). Load clip_vision's "
+                         "own text tower (e.g. openai clip-vit-large-patch14, the same file as a ViT-L clip_vision) "
+                         "with Load CLIP and connect it to 'ts_clip'.")
+    with torch.no_grad():
+        projected = layer(raw.to(layer.weight.device, torch.float32)).float().reshape(1, -1).cpu()
+    if not projected.norm() > 1e-6 * raw.float().norm():
+        raise TLoraError("the 'ts_clip' text encoder's projection is zero: its file has no text projection. Load a "
+                         "full CLIP file (text and projection, e.g. openai clip-vit-large-patch14) with Load CLIP.")
+    return projected
 
 
-def text_embeds(score_clip, texts: list[str], width: int) -> torch.Tensor:
-    """[P, D]: each text's embedding in the space of clip_vision's image embeddings, where TS is measured.
-
-    A file without the tower's projection (every SD 1.x checkpoint drops it) leaves it zero: refused, as
-    is a tower whose width differs from the image embeddings' `width` (not the same CLIP).
-    """
-    out = torch.cat([projected_pooled(score_clip, text) for text in texts])
+def text_embeds(score_clip, texts: list[str], width: int, own_projection: bool) -> torch.Tensor:
+    """[P, D]: each text's embedding in the space of clip_vision's image embeddings, where TS is measured;
+    a tower whose width differs from the image embeddings' `width` is not the same CLIP: refused."""
+    out = torch.cat([projected_pooled(score_clip, text, own_projection) for text in texts])
     if out.shape[1] != width:
         raise TLoraError(f"the TS text embeddings have {out.shape[1]} values but clip_vision's image embeddings have "
                          f"{width}: they are not the same CLIP. Load clip_vision's own text tower (e.g. the same CLIP "
                          f"file) with Load CLIP and connect it to 'ts_clip'.")
-    if not out.abs().amax(dim=1).gt(0).all():
-        raise TLoraError("the TS text encoder's projected output is zero: its file has no text projection (SD 1.x "
-                         "checkpoints drop it). Load a full CLIP (e.g. openai clip-vit-large-patch14, the twin of "
-                         "clip_vision ViT-L) with Load CLIP and connect it to 'ts_clip'.")
     return out
 
 
@@ -148,18 +152,19 @@ def sample_image(model, vae, positive, negative, settings: SamplingSettings, see
 Progress = Callable[[int, int], None]
 
 
-def evaluate(model, clip, vae, clip_vision, score_clip, references: torch.Tensor, candidates: list[Candidate],
+def evaluate(model, clip, vae, clip_vision, references: torch.Tensor, candidates: list[Candidate],
              prompts: list[Prompt], settings: SamplingSettings, progress: Optional[Progress] = None,
-             dino=None) -> list[Score]:
+             ts_clip=None, dino=None) -> list[Score]:
     """IS, TS (and DINO, with a second image encoder) of every candidate over prompts x seeds.
 
     references: the training IMAGE batch; IS averages over every (sample, training image) pair.
+    ts_clip: the text tower for TS (clip_vision's twin); None: `clip`, when ComfyUI projects its pooled output.
     progress(done, total) is called after every sample; ComfyUI's Cancel stops between two samples.
     """
     if not candidates or not prompts:
         raise TLoraError("nothing to evaluate: give at least one T-LoRA candidate and one prompt.")
     reference = image_embeds(clip_vision, references)
-    texts = text_embeds(score_clip, [p.score for p in prompts], reference.shape[1])
+    texts = text_embeds(ts_clip or clip, [p.score for p in prompts], reference.shape[1], ts_clip is not None)
     dino_reference = image_embeds(dino, references) if dino is not None else None
     negative = encode_prompt(clip, settings.negative, None)
     positives = [encode_prompt(clip, p.sample, settings.guidance) for p in prompts]

@@ -85,7 +85,8 @@ def prompt_pairs(text: str, trigger: str, class_word: str) -> list[Prompt]:
     """Each line: the prompt sampled (trigger and class filled in) and the TS text (the trigger left out)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
-        raise TLoraError("prompts is empty; give one prompt per line, e.g. 'a photo of {trigger} {class} on the beach'.")
+        raise TLoraError("prompts is empty; give one prompt per line, e.g. "
+                         "'a photo of {trigger} {class} on the beach'.")
     return [Prompt(fill_prompt(t, trigger, class_word), " ".join(fill_prompt(t, "", class_word).split()))
             for t in lines]
 
@@ -101,7 +102,8 @@ class TLoraEvaluate(io.ComfyNode):
                         "picks the best trade-off.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model the T-LoRAs were trained on (it is not changed)."),
-                io.Clip.Input("clip", tooltip="The model's text encoder: encodes the prompts the samples are made with."),
+                io.Clip.Input("clip", tooltip="The model's text encoder: encodes the prompts the samples are made "
+                                              "with."),
                 io.Vae.Input("vae", tooltip="Decodes the samples."),
                 io.ClipVision.Input("clip_vision",
                                     tooltip="CLIP image encoder (Load CLIP Vision) for IS and TS, e.g. CLIP ViT-L/14 "
@@ -148,7 +150,8 @@ class TLoraEvaluate(io.ComfyNode):
                 io.ClipVision.Input("dino", optional=True,
                                     tooltip="Optional: a DINOv2 image encoder (Load CLIP Vision) for a DINO score "
                                             "(IS with DINO's embeddings) in the table."),
-                io.String.Input("negative_prompt", default="", optional=True, tooltip="Negative prompt of every sample."),
+                io.String.Input("negative_prompt", default="", optional=True,
+                                tooltip="Negative prompt of every sample."),
             ],
             outputs=[io.String.Output(display_name="table", tooltip="JSON: IS, TS (DINO) per candidate, the chosen "
                                                                     "one, prompts, seeds and sampler settings."),

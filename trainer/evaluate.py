@@ -36,9 +36,13 @@ class Candidate:
     min_rank: Optional[int] = None
     strength: float = 1.0
 
+    @property
+    def r_min(self) -> int:
+        """The r_min it samples with (an unmasked variant's own is its full rank)."""
+        return self.tlora.config.schedule_min_rank if self.min_rank is None else self.min_rank
+
     def label(self) -> str:
-        r_min = self.tlora.config.min_rank if self.min_rank is None else self.min_rank
-        return f"{self.name} r_min {r_min} x{self.strength:g}"
+        return f"{self.name} r_min {self.r_min} x{self.strength:g}"
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,9 @@ def projected_pooled(clip, text: str, own_projection: bool) -> torch.Tensor:
     layer = _projection(clip)
     if not own_projection or layer is None:
         raise TLoraError("TS needs text embeddings in clip_vision's space, and this CLIP's pooled output is not "
-                         "projected there (SD 1.x checkpoints do not hold CLIP-L's text projection). Load clip_vision's "
-                         "own text tower (e.g. openai clip-vit-large-patch14, the same file as a ViT-L clip_vision) "
-                         "with Load CLIP and connect it to 'ts_clip'.")
+                         "projected there (SD 1.x checkpoints do not hold CLIP-L's text projection). Load "
+                         "clip_vision's own text tower (e.g. openai clip-vit-large-patch14, the same file as a ViT-L "
+                         "clip_vision) with Load CLIP and connect it to 'ts_clip'.")
     with torch.no_grad():
         projected = layer(raw.to(layer.weight.device, torch.float32)).float().reshape(1, -1).cpu()
     if not projected.norm() > 1e-6 * raw.float().norm():
@@ -163,6 +167,10 @@ def evaluate(model, clip, vae, clip_vision, references: torch.Tensor, candidates
     """
     if not candidates or not prompts:
         raise TLoraError("nothing to evaluate: give at least one T-LoRA candidate and one prompt.")
+    for c in candidates:  # before any sampling: a bad r_min would otherwise stop the run half-way
+        if not 1 <= c.r_min <= c.tlora.config.rank:
+            raise TLoraError(f"r_min {c.r_min} does not fit {c.name} (rank {c.tlora.config.rank}); give r_min values "
+                             f"from 1 to {c.tlora.config.rank} in min_ranks (0 = the file's own).")
     reference = image_embeds(clip_vision, references)
     texts = text_embeds(ts_clip or clip, [p.score for p in prompts], reference.shape[1], ts_clip is not None)
     dino_reference = image_embeds(dino, references) if dino is not None else None
@@ -209,7 +217,7 @@ def table(verdict: Verdict, prompts: list[Prompt], settings: SamplingSettings) -
     rows = []
     for i, s in enumerate(verdict.scores):
         c = s.candidate
-        rows.append({"file": c.name, "r_min": c.tlora.config.min_rank if c.min_rank is None else c.min_rank,
+        rows.append({"file": c.name, "r_min": c.r_min,
                      "strength": c.strength, "IS": s.image_similarity, "TS": s.text_similarity,
                      **({"DINO": s.dino} if s.dino is not None else {}),
                      "pareto": i in verdict.front, "best": i == verdict.best})

@@ -1,4 +1,5 @@
-"""Small pictures as ComfyUI IMAGEs (the loss curve, the IS / TS trade-off), drawn with Pillow (no plotting library needed)."""
+"""Small pictures as ComfyUI IMAGEs (the loss curve, the IS / TS trade-off), drawn with Pillow (no plotting
+library needed)."""
 from __future__ import annotations
 
 import numpy as np

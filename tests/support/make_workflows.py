@@ -219,9 +219,9 @@ def pick_best_checkpoint() -> WorkflowSpec:
               "file with Load CLIP into 'ts_clip'.\n\n8 prompts x 12 candidates x 25 steps: this takes a while."),
     ]
     links = [(1, "MODEL", 3, "model"), (1, "CLIP", 3, "clip"), (1, "VAE", 3, "vae"), (2, "IMAGE", 3, "image"),
-             (1, "MODEL", 5, "model"), (1, "CLIP", 5, "clip"), (1, "VAE", 5, "vae"), (4, "CLIP_VISION", 5, "clip_vision"),
-             (2, "IMAGE", 5, "image"), (3, "TLORA", 5, "tlora"), (5, "plot", 6, "images"), (5, "best_file", 7, "source"),
-             (5, "table", 8, "source")]
+             (1, "MODEL", 5, "model"), (1, "CLIP", 5, "clip"), (1, "VAE", 5, "vae"),
+             (4, "CLIP_VISION", 5, "clip_vision"), (2, "IMAGE", 5, "image"), (3, "TLORA", 5, "tlora"),
+             (5, "plot", 6, "images"), (5, "best_file", 7, "source"), (5, "table", 8, "source")]
     return WorkflowSpec("pick_best_checkpoint", nodes, links)
 
 

@@ -179,3 +179,18 @@ def test_prompt_lines_fill_the_trigger_and_leave_it_out_of_the_ts_text(comfy):
         _numbers("16, x", int, "min_ranks")
     with pytest.raises(TLoraError, match="prompts is empty"):
         prompt_pairs(" \n ", "sks", "dog")
+
+
+def test_an_r_min_above_a_candidates_rank_is_refused_before_sampling(tiny_sd15, towers):
+    from test_apply import _tlora
+
+    from tlora_pack.trainer.evaluate import Candidate, Prompt, evaluate
+
+    patcher, clip, vae = tiny_sd15
+    calls = []
+    with pytest.raises(TLoraError, match=r"r_min 9 does not fit late \(rank 8\)"):
+        evaluate(patcher, clip, vae, towers[0], torch.rand(1, 32, 32, 3),
+                 [Candidate("early", _tlora(patcher), 2, 1.0), Candidate("late", _tlora(patcher), 9, 1.0)],
+                 [Prompt(PROMPTS[0], TS_TEXTS[0])], _settings(), progress=lambda *a: calls.append(a),
+                 ts_clip=towers[2])
+    assert calls == []

@@ -31,6 +31,7 @@ FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"),
                 ("CLIPVisionLoader", "clip_name")}
 TINY = {"steps": 3, "rank": 4, "min_rank": 2, "resolution": 64, "learning_rate": 1e-3}
 SIZE = 64
+ARTIFACTS = REPO_ROOT / "artifacts" / "workflows"
 
 
 def load_ui(name: str) -> dict:
@@ -331,6 +332,8 @@ def test_pick_best_checkpoint_measures_every_saved_file(comfy_server, clip_vit_l
     assert chosen == table["best"]["file"] and table["best"]["pareto"]
     [plot] = images_of(comfy_server, entry, find_node(api, "PreviewImage", title="IS against TS"))
     assert plot.shape == (512, 768, 3)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)  # the README's picture (docs/evaluate_plot.png) comes from here
+    Image.fromarray(plot).save(ARTIFACTS / "pick_best_checkpoint_plot.png")
 
 
 # ---- the main job, from the shell ---------------------------------------------------------------

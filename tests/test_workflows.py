@@ -316,7 +316,8 @@ def test_pick_best_checkpoint_measures_every_saved_file(comfy_server, clip_vit_l
     table = json.loads(text_of(entry, find_node(api, "PreviewAny", title="Scores (JSON)")))
     chosen = text_of(entry, find_node(api, "PreviewAny", title="Chosen file"))
     loras = comfy_server.base_dir / "models" / "loras"
-    saved = sorted(p.relative_to(loras).as_posix() for p in (loras / "wf_test").glob("pick_best_checkpoint_tlora_*.safetensors"))
+    saved = sorted(p.relative_to(loras).as_posix()
+                   for p in (loras / "wf_test").glob("pick_best_checkpoint_tlora_*.safetensors"))
     assert len(saved) == 2, saved
     rows = table["candidates"]
     # every saved file at r_min 1 and 2; the trainer's TLORA output is the last file, not evaluated twice

@@ -78,10 +78,13 @@ def tradeoff_image(points: list[tuple[float, float]], labels: list[str], front: 
     draw.text((4, top), f"IS\n{y1:.4f}", fill=(0, 0, 0))
     draw.text((4, bottom - 12), f"{y0:.4f}", fill=(0, 0, 0))
     draw.text((left + 4, bottom + 22), "blue: Pareto front   red ring: chosen", fill=(80, 80, 80))
+    room = key_w // 6  # characters of the default font that fit the key
     for i, (label, p) in enumerate(zip(labels, points)):
-        y = top + 14 * i
-        if y > height - 14:
+        y = top + 30 * i
+        if y > height - 30:
             break
-        text = f"{i + 1}: {label}  IS {p[0]:.3f} TS {p[1]:.3f}"
-        draw.text((width - key_w, y), text[:key_w // 6], fill=(210, 40, 40) if i == best else (0, 0, 0))
+        colour = (210, 40, 40) if i == best else (0, 0, 0)
+        draw.text((width - key_w, y), f"{i + 1}: IS {p[0]:.4f}  TS {p[1]:.4f}", fill=colour)
+        # a long label keeps its end: the file's number, r_min and strength
+        draw.text((width - key_w + 10, y + 13), label if len(label) <= room else "..." + label[3 - room:], fill=colour)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)

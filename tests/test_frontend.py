@@ -31,7 +31,7 @@ ARTIFACTS = REPO_ROOT / "artifacts" / "frontend"
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 # Combos whose choices are the user's files, and the server folder each lists.
 FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"): "models/checkpoints", ("LoadImage", "image"): "input",
-                ("TLoraLoad", "tlora_name"): "models/loras"}
+                ("TLoraLoad", "tlora_name"): "models/loras", ("CLIPVisionLoader", "clip_name"): "models/clip_vision"}
 # Messages the front end logs about a workflow it could not take as it is.
 BAD_WARNING = re.compile(r"zod|invalid|missing|not found|widget|unknown|failed", re.IGNORECASE)
 # Not about this pack: ComfyUI's own templates (the comfyui-workflow-templates package) are not installed
@@ -43,7 +43,9 @@ def _users_files(server, checkpoint: Path, image: Path, tlora: Path):
     """Put the files the committed workflows name on the server, under those names: the tiny model as
     the checkpoint, the sample photo (copied into input/), a T-LoRA of the tiny model. A user has them;
     the current front end (1.49) marks a node whose file the server does not list."""
-    content = {"models/checkpoints": checkpoint, "input": image, "models/loras": tlora}
+    # a CLIP Vision file is only listed by name here, never loaded: any file stands for it
+    content = {"models/checkpoints": checkpoint, "input": image, "models/loras": tlora,
+               "models/clip_vision": checkpoint}
     for name in NAMES:
         for node in json.loads((API_DIR / f"{name}.api.json").read_text("utf-8")).values():
             for (node_type, widget), folder in FILE_WIDGETS.items():

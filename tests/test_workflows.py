@@ -24,12 +24,14 @@ from support.workflow_format import (VIRTUAL_NODES, find_node, find_nodes, input
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
-EXPECTED = ("train_and_sample", "load_and_sample", "lora_vs_tlora", "convert_to_lora")
+EXPECTED = ("train_and_sample", "load_and_sample", "lora_vs_tlora", "convert_to_lora", "pick_best_checkpoint")
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 # Combos whose choices are the user's files: the committed names need not exist on the test server.
-FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("TLoraLoad", "tlora_name")}
+FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("TLoraLoad", "tlora_name"),
+                ("CLIPVisionLoader", "clip_name")}
 TINY = {"steps": 3, "rank": 4, "min_rank": 2, "resolution": 64, "learning_rate": 1e-3}
 SIZE = 64
+ARTIFACTS = REPO_ROOT / "artifacts" / "workflows"
 
 
 def load_ui(name: str) -> dict:
@@ -181,7 +183,23 @@ def shrink(api: dict, name: str, tlora_file: str | None = None) -> dict:
         elif kind == "TLoraLoad":
             assert tlora_file, f"{name} needs a T-LoRA file"
             inputs["tlora_name"] = tlora_file
+    for node_id in find_nodes(wf, "TLoraEvaluate"):
+        _shrink_evaluation(wf, node_id)
     return wf
+
+
+def _shrink_evaluation(wf: dict, node_id: str):
+    """Evaluate the files the (shrunk) trainer saves, at r_min 1 and 2, one prompt, 2 steps, 64 px; the random
+    ViT-L pair of support.tiny_clip as CLIP Vision and as ts_clip (the tiny SD1.5's CLIP has no projection)."""
+    inputs = wf[node_id]["inputs"]
+    [train] = find_nodes(wf, "TLoraTrainFromImage")
+    wf[train]["inputs"]["save_every"] = 2  # 3 steps: a file at step 2 and the final one
+    inputs.update(files=wf[train]["inputs"]["filename_prefix"] + "_*.safetensors", min_ranks="1, 2", steps=2,
+                  resolution=SIZE, prompts="a photo of {trigger} {class} on the beach", images_per_prompt=1)
+    wf[wf[node_id]["inputs"]["clip_vision"][0]]["inputs"]["clip_name"] = "clip_vit_l_vision.safetensors"
+    wf["90"] = {"class_type": "CLIPLoader", "_meta": {"title": "Load CLIP"},
+                "inputs": {"clip_name": "clip_vit_l_text.safetensors", "type": "stable_diffusion"}}
+    inputs["ts_clip"] = ["90", 0]
 
 
 def images_of(server, entry, node_id) -> list:
@@ -274,6 +292,49 @@ def test_convert_to_lora_writes_a_lora_the_stock_loader_reads(comfy_server, trai
     [image] = images_of(comfy_server, comfy_server.run(sample, timeout=300), find_node(sample, "SaveImage"))
     assert image.shape == (SIZE, SIZE, 3)
     assert comfy_server.log_text().count("lora key not loaded") == before, comfy_server.log_tail()
+
+
+@pytest.fixture(scope="module")
+def clip_vit_l(comfy_server, tmp_path_factory):
+    """The random CLIP ViT-L/14 image and text towers (support.tiny_clip) in the server's model folders."""
+    from support.tiny_clip import write_clip_vit_l
+
+    vision, text = write_clip_vit_l(tmp_path_factory.mktemp("clip_vit_l"))
+    for path, folder in ((vision, "clip_vision"), (text, "text_encoders")):
+        (comfy_server.base_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (comfy_server.base_dir / "models" / folder / path.name).symlink_to(path)
+    return vision, text
+
+
+def _pareto_by_hand(points):
+    return [all(not (q[0] >= p[0] and q[1] >= p[1] and q != p) for q in points) for p in points]
+
+
+def test_pick_best_checkpoint_measures_every_saved_file(comfy_server, clip_vit_l):
+    api = shrink(load_api("pick_best_checkpoint"), "pick_best_checkpoint")
+    entry = comfy_server.run(api, timeout=1200)
+    table = json.loads(text_of(entry, find_node(api, "PreviewAny", title="Scores (JSON)")))
+    chosen = text_of(entry, find_node(api, "PreviewAny", title="Chosen file"))
+    loras = comfy_server.base_dir / "models" / "loras"
+    saved = sorted(p.relative_to(loras).as_posix()
+                   for p in (loras / "wf_test").glob("pick_best_checkpoint_tlora_*.safetensors"))
+    assert len(saved) == 2, saved
+    rows = table["candidates"]
+    # every saved file at r_min 1 and 2; the trainer's TLORA output is the last file, not evaluated twice
+    assert [(r["file"], r["r_min"], r["strength"]) for r in rows] == [(f, r, 1.0) for f in saved for r in (1, 2)]
+    points = [(r["IS"], r["TS"]) for r in rows]
+    assert all(-1 <= v <= 1 for p in points for v in p)
+    assert [r["pareto"] for r in rows] == _pareto_by_hand(points)
+    # the rule by hand: nearest the ideal point, each score in units of its range
+    ideal = [max(p[k] for p in points) for k in (0, 1)]
+    span = [(max(p[k] for p in points) - min(p[k] for p in points)) or 1.0 for k in (0, 1)]
+    dist = [math.hypot((ideal[0] - p[0]) / span[0], (ideal[1] - p[1]) / span[1]) for p in points]
+    assert [r["best"] for r in rows].index(True) == dist.index(min(dist))
+    assert chosen == table["best"]["file"] and table["best"]["pareto"]
+    [plot] = images_of(comfy_server, entry, find_node(api, "PreviewImage", title="IS against TS"))
+    assert plot.shape == (512, 768, 3)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)  # the README's picture (docs/evaluate_plot.png) comes from here
+    Image.fromarray(plot).save(ARTIFACTS / "pick_best_checkpoint_plot.png")
 
 
 # ---- the main job, from the shell ---------------------------------------------------------------

@@ -192,7 +192,43 @@ def convert_to_lora() -> WorkflowSpec:
     return WorkflowSpec("convert_to_lora", nodes, links)
 
 
-ALL = (train_and_sample, load_and_sample, lora_vs_tlora, convert_to_lora)
+SWEEP_PREFIX = "tlora/sweep"
+CLIP_VISION = "clip_vision_g.safetensors"  # CLIP ViT-bigG/14: the image tower of SD-XL's second text encoder
+
+
+def pick_best_checkpoint() -> WorkflowSpec:
+    """Train with save_every, then measure every saved file at three r_min values with the paper's IS / TS."""
+    nodes = [
+        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
+        NodeSpec(2, "LoadImage", (40, 190), {"image": IMAGE}, "Subject photo", (320, 360)),
+        NodeSpec(3, "TLoraTrainFromImage", (400, 40), dict(PAPER, filename_prefix=SWEEP_PREFIX, save_every=200),
+                 size=(340, 640)),
+        NodeSpec(4, "CLIPVisionLoader", (400, 730), {"clip_name": CLIP_VISION}, size=(340, 60)),
+        NodeSpec(5, "TLoraEvaluate", (780, 40), {
+            "files": SWEEP_PREFIX + "_*.safetensors", "trigger": "sks", "class_word": "dog",
+            "min_ranks": "16, 32, 48", "strengths": "1.0", "seed": 0,
+            "images_per_prompt": 1, "steps": 25, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "resolution": 0}, size=(400, 640)),
+        NodeSpec(6, "PreviewImage", (1220, 40), title="IS against TS", size=(520, 380)),
+        NodeSpec(7, "PreviewAny", (1220, 460), title="Chosen file", size=(520, 110)),
+        NodeSpec(8, "PreviewAny", (1220, 610), title="Scores (JSON)", size=(520, 300)),
+        _note(9, (40, 600), (320, 430),
+              "Pick the best checkpoint with the paper's metrics.\n\n1. Training saves a file every 200 steps "
+              f"(models/loras/{SWEEP_PREFIX}_NNNNN.safetensors).\n2. Evaluate samples the prompts with every saved "
+              "file at r_min 16, 32 and 48 and measures IS (CLIP image similarity to the photo) and TS (CLIP "
+              "similarity to the prompt without 'sks').\n3. The plot shows IS against TS; the red ring is the best "
+              "trade-off, its file is shown.\n\nCLIP Vision: clip_vision_g (ViT-bigG) is the twin of SD-XL's "
+              "text encoder, so TS needs nothing else. For SD 1.5 load CLIP ViT-L/14 for vision and the same "
+              "file with Load CLIP into 'ts_clip'.\n\n8 prompts x 12 candidates x 25 steps: this takes a while."),
+    ]
+    links = [(1, "MODEL", 3, "model"), (1, "CLIP", 3, "clip"), (1, "VAE", 3, "vae"), (2, "IMAGE", 3, "image"),
+             (1, "MODEL", 5, "model"), (1, "CLIP", 5, "clip"), (1, "VAE", 5, "vae"),
+             (4, "CLIP_VISION", 5, "clip_vision"), (2, "IMAGE", 5, "image"), (3, "TLORA", 5, "tlora"),
+             (5, "plot", 6, "images"), (5, "best_file", 7, "source"), (5, "table", 8, "source")]
+    return WorkflowSpec("pick_best_checkpoint", nodes, links)
+
+
+ALL = (train_and_sample, load_and_sample, lora_vs_tlora, convert_to_lora, pick_best_checkpoint)
 
 
 def specs(object_info: dict) -> list[WorkflowSpec]:

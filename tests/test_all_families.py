@@ -13,7 +13,7 @@ import torch
 
 from support import tiny_classes as tc
 from support import tiny_families as tf
-from support.dense import dense_delta, paper_rank
+from support.dense import dense_delta, moved_factors, paper_rank
 from support.predict import predict_x0
 
 pytestmark = pytest.mark.usefixtures("comfy")
@@ -90,17 +90,6 @@ def trained(request, tmp_path_factory):
     return name, patcher, spec, result
 
 
-def _moved(tlora, seed=1):
-    """The same T-LoRA with every factor moved, so each slice's dW is clearly non-zero."""
-    from tlora_pack.tlora_core.adapter import LayerFactors
-    from tlora_pack.tlora_core.format import TLora
-
-    gen = torch.Generator().manual_seed(seed)
-    layers = {k: LayerFactors(**{n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in f.tensors().items()})
-              for k, f in tlora.layers.items()}
-    return TLora(tlora.config, layers)
-
-
 @pytest.fixture(scope="module")
 def reference(trained):
     """A second copy of the class's tiny model (same seed) and its own weights as built."""
@@ -142,7 +131,7 @@ def test_apply_equals_dense_weights_with_the_paper_t(trained, reference, fractio
     from tlora_pack.trainer.runtime import apply_tlora
 
     name, patcher, spec, result = trained
-    tlora = _moved(result.tlora)
+    tlora = moved_factors(result.tlora)
     applied, runtime = apply_tlora(patcher, tlora, 1.0)
     cond = tf.conditioning(spec)
     size = tc.size_for(name)
@@ -164,7 +153,7 @@ def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
     from tlora_pack.trainer.runtime import apply_tlora
 
     name, patcher, spec, result = trained
-    tlora = _moved(result.tlora)
+    tlora = moved_factors(result.tlora)
     sigma, t = _sigma_and_t(patcher, 0.3)
     lora, report = export_standard_lora(tlora, timestep=t, storage="fp32")
     with caplog.at_level(logging.WARNING):

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from support.dense import dense_delta, paper_rank
+from support.dense import dense_delta, moved_factors, paper_rank
 from support import tiny_families as tf
 from support.predict import predict_x0
 
@@ -57,17 +57,6 @@ def trained(request, tmp_path_factory):
                          str(tmp_path_factory.mktemp(name)), f"fam/{name}", conditioning=tf.conditioning(spec),
                          previews=look)
     return name, patcher, spec, result
-
-
-def _moved(tlora, seed=1):
-    """The same T-LoRA with every factor moved, so each slice's dW is clearly non-zero."""
-    from tlora_pack.tlora_core.adapter import LayerFactors
-    from tlora_pack.tlora_core.format import TLora
-
-    gen = torch.Generator().manual_seed(seed)
-    layers = {k: LayerFactors(**{n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in f.tensors().items()})
-              for k, f in tlora.layers.items()}
-    return TLora(tlora.config, layers)
 
 
 def _reference(name, tlora, keep, source=None):
@@ -142,7 +131,7 @@ def test_apply_equals_dense_weights_with_the_paper_t(trained, fraction, path):
     from tlora_pack.trainer.runtime import apply_tlora
 
     name, patcher, spec, result = trained
-    tlora = _moved(result.tlora)
+    tlora = moved_factors(result.tlora)
     applied, runtime = apply_tlora(patcher, tlora, 1.0)
     cond = tf.conditioning(spec)
     x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(3))
@@ -165,7 +154,7 @@ def test_export_loads_in_comfyuis_stock_lora_loader(trained, caplog):
     from tlora_pack.trainer.runtime import apply_tlora
 
     name, patcher, spec, result = trained
-    tlora = _moved(result.tlora)
+    tlora = moved_factors(result.tlora)
     sigma, t = _sigma_and_t(spec, patcher, 0.3)
     lora, report = export_standard_lora(tlora, timestep=t, storage="fp32")
     assert report.kept == _paper_rank(t)
@@ -229,7 +218,7 @@ def test_fp8_base_applies_exactly_and_stays_fp8(tmp_path, path):
                              resolution=64)
     result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, 64, 64, 3), None, settings,
                          str(tmp_path), "fp8/flux", conditioning=tf.conditioning(spec))
-    tlora = _moved(result.tlora)
+    tlora = moved_factors(result.tlora)
     cond = tf.conditioning(spec)
     x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(5))
     got = predict_x0(apply_tlora(patcher, tlora, 1.0)[0], cond, x, [0.6])

@@ -18,3 +18,15 @@ def dense_delta(f, keep: int) -> torch.Tensor:
     if f.base_down is not None:
         dw = dw - part(f.base_down, f.base_up, f.base_scale)
     return dw
+
+
+def moved_factors(tlora, seed: int = 1):
+    """The same T-LoRA with every factor moved by seeded noise, so each layer's (and slice's) dW is clearly
+    non-zero where a few training steps moved it only a little."""
+    from tlora_pack.tlora_core.adapter import LayerFactors
+    from tlora_pack.tlora_core.format import TLora
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = {k: LayerFactors(**{n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in f.tensors().items()})
+              for k, f in tlora.layers.items()}
+    return TLora(tlora.config, layers)

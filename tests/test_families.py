@@ -254,7 +254,7 @@ def test_legacy_scaled_fp8_layers_add_the_update_once(tmp_path, path):
     sites = find_target_layers(patcher.model, "attention")
     config = TLoraConfig(rank=RANK, min_rank=MIN_RANK, variant="vanilla_tlora", base_model="Flux", family="Flux",
                          fused=fused_record(patcher.model, sites))
-    tlora = _moved(TLora(config, new_factors(sites, TrainSettings(rank=RANK, min_rank=MIN_RANK), False,
+    tlora = moved_factors(TLora(config, new_factors(sites, TrainSettings(rank=RANK, min_rank=MIN_RANK), False,
                                              torch.device("cpu"))))
     cond = tf.conditioning(spec)
     x = torch.randn(tf.latent_shape(patcher, spec, 1, 64), generator=torch.Generator().manual_seed(6))

@@ -60,6 +60,7 @@ def test_high_t_trains_only_the_first_r_t_components(tiny_sd15, tmp_path, monkey
     # the noisiest training sigma (t = 999): r(999) = 3 + floor(5 * 1 / 1000) = 3
     monkeypatch.setattr(loop, "draw_sigmas", lambda ms, n, gen: ms.sigmas[-1:].float().cpu().expand(n))
     result = _train(tiny_sd15, tmp_path, rank=8, min_rank=3, steps=2, weight_decay=0.0, storage="fp32")
+    assert result.timesteps == [999.0, 999.0], "each step's t, for the loss chart"
     patcher = tiny_sd15[0]
     init = new_factors(find_target_layers(patcher.model, "attention"),
                        TrainSettings(rank=8, min_rank=3, seed=0), True, torch.device("cpu"))
@@ -113,6 +114,7 @@ def test_cancel_keeps_a_file_and_resume_finishes_the_run(tiny_sd15, tmp_path, mo
     result = train_tlora(patcher, clip, vae, _image(), None, _settings(steps=5), str(tmp_path), "t/run",
                          resume=partial)
     assert len(result.losses) == 3 and result.tlora.config.training["steps_done"] == 5
+    assert result.first_step == 3 and len(result.timesteps) == 3
     assert result.saved[-1].name == "run_00001.safetensors"
 
 

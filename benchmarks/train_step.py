@@ -34,11 +34,13 @@ meta device (see sdxl_estimate).
     .venv/bin/python benchmarks/train_step.py --trainers tlora,tlora_preview --no-estimate   # preview cost
     .venv/bin/python benchmarks/train_step.py --gradient-checkpointing on
     .venv/bin/python benchmarks/train_step.py --estimate-only
+    .venv/bin/python benchmarks/train_step.py --trainers peft,lora,tlora --memory-only --no-estimate
 Needs benchmarks/requirements.txt (diffusers, peft) for the peft row.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -49,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sampling_step as common  # noqa: E402  (model build, memory probe, child runner)
+from memory_counts import AllocatorPeak, SavedTensors, extra_bytes  # noqa: E402
 
 RANK, MIN_RANK = common.RANK, common.MIN_RANK
 LR, PROMPT = 1e-4, "a photo of sks dog"
@@ -228,13 +231,14 @@ def run_peft(unet, latent, context, steps: int, checkpointing: bool):
                               beta_schedule="scaled_linear")
     gen = torch.Generator().manual_seed(0)
     autocast = device.type == "cuda"
+    counted = SAVED if SAVED is not None else contextlib.nullcontext()
     stamps = Stamps()
     stamps()
     for _ in range(steps):
         noise = torch.randn(latent.shape, generator=gen).to(device, latent.dtype)
         t = torch.randint(0, 1000, (latent.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(latent, noise, t)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), counted:
             pred = unet(noisy, t, encoder_hidden_states=context).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         optimizer.zero_grad(set_to_none=True)
@@ -281,12 +285,39 @@ def run_variant(name, parts, steps, checkpointing, folder):
                     previews=name == "tlora_preview")
 
 
+SAVED: SavedTensors | None = None  # set by memory_worker: run_peft counts its forward passes in it
+
+
+@contextlib.contextmanager
+def counting_saved(name: str, saved: SavedTensors):
+    """Every training forward pass of trainer `name` inside `saved` (this pack's: in place of the loop's
+    saved-tensor context, which is a no-op for SD1.5; TrainLoraNode's: around its fwd_bwd)."""
+    global SAVED
+    from comfy_extras import nodes_train
+    from tlora_pack.trainer import loop
+    real_saved, real_fwd_bwd = loop.saved_copies, nodes_train.TrainSampler.fwd_bwd
+
+    def counted_fwd_bwd(self, *a, **k):
+        with saved:
+            return real_fwd_bwd(self, *a, **k)
+    SAVED, loop.saved_copies = saved, lambda enabled: saved
+    nodes_train.TrainSampler.fwd_bwd = counted_fwd_bwd
+    try:
+        yield
+    finally:
+        SAVED, loop.saved_copies, nodes_train.TrainSampler.fwd_bwd = None, real_saved, real_fwd_bwd
+
+
 def memory_worker(name: str, resolution: int, steps: int, checkpointing: bool, tiny: bool) -> dict:
+    """Peak memory of `steps` steps of one trainer alone, measured two ways (memory_counts)."""
     parts = build([name], resolution, tiny)
-    memory = common.PeakMemory(common.device_kind()).start()
-    with tempfile.TemporaryDirectory() as folder:
+    saved = SavedTensors(parts["peft"] if name == "peft" else parts["base"].model)
+    memory = AllocatorPeak(common.device_kind()).start()
+    with tempfile.TemporaryDirectory() as folder, counting_saved(name, saved):
         _, _, adapter, _ = run_variant(name, parts, steps, checkpointing, folder)
-    return {"variant": name, "peak_bytes": memory.stop(), "adapter_bytes": adapter}
+    peaks = memory.stop()
+    return {"variant": name, "peak_bytes": peaks.get("rss", peaks.get("allocator", 0)),
+            "allocator_bytes": peaks.get("allocator"), "saved": saved.largest(), "adapter_bytes": adapter}
 
 
 def timing_worker(names, resolution: int, steps: int, rounds: int, checkpointing: bool, tiny: bool) -> dict:
@@ -422,11 +453,29 @@ def report(timing: dict, memory: dict, resolution: int, steps: int, rounds: int,
                  + common.ratio_lines(cpu, "CPU,  median", TIME_PAIRS)):
         print(line)
     preview_cost(t, wall)
-    peaks = {v: m["peak_bytes"] for v, m in memory.items()}
-    kind = "allocator peak" if timing["device"] == "cuda" else "peak RSS"
+    memory_report(memory, timing["device"])
+
+
+def memory_report(memory: dict, device: str):
+    """Per trainer: the bytes autograd saved for backward (largest step, by kind) beside the allocator's
+    and the RSS peak above the built model; then the ratios of each measure."""
+    mib = common.mib
+    print("\nmemory of one step, two ways (memory_counts.py); 'saved' = what autograd keeps for backward, each "
+          "storage once (model weights and adapter parameters, resident anyway, apart)")
+    print(f"{'trainer':13} {'saved MiB':>9} {'allocator peak':>14} {'peak RSS':>9}  saved by kind (MiB)")
+    for v, m in memory.items():
+        saved = m.get("saved") or {}
+        kinds = ", ".join(f"{k} {mib(b):.1f}" for k, b in sorted(saved.items(), key=lambda kv: -kv[1]) if b >= 2 ** 19)
+        rss = mib(m["peak_bytes"]) if device != "cuda" else float("nan")
+        print(f"{v:13} {mib(extra_bytes(saved)):9.1f} {mib(m.get('allocator_bytes') or 0):14.1f} {rss:9.1f}  {kinds}")
+    measures = {"saved for backward": lambda m: extra_bytes(m.get("saved") or {}),
+                "allocator peak": lambda m: m.get("allocator_bytes") or 0}
+    if device != "cuda":
+        measures["peak RSS"] = lambda m: m["peak_bytes"]
     for x, y, name, goal in TIME_PAIRS:
-        if x in peaks and y in peaks:
-            print(f"memory ({kind} above the built model) {name + ':':24} {peaks[x] / peaks[y]:.3f}x{goal}")
+        if x in memory and y in memory:
+            ratios = [f"{label} {f(memory[x]) / max(f(memory[y]), 1):.3f}x" for label, f in measures.items()]
+            print(f"memory {name + ':':32} " + ", ".join(ratios))
 
 
 def preview_cost(times: dict, wall: dict):
@@ -455,6 +504,7 @@ def main():
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off")
     parser.add_argument("--estimate-only", action="store_true", help="only the SD-XL estimate (meta device, ~1 min)")
     parser.add_argument("--no-estimate", action="store_true", help="leave the SD-XL estimate out")
+    parser.add_argument("--memory-only", action="store_true", help="the memory runs only (no timing run)")
     parser.add_argument("--tiny-unet", action="store_true", help="the 25.8 M test UNet instead (a smoke run)")
     parser.add_argument("--real-init", action="store_true", help="run the Ortho-LoRA SVD init (slow; not timed)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -486,11 +536,15 @@ def main():
         for n in names:
             print(f"-- memory run: {n}", flush=True)
             memory[n] = common.run_child(["--worker", n, *flags], script=__file__)
-        print("-- timing run: " + ", ".join(names), flush=True)
-        timing = common.run_child(["--worker", "timing", *flags], script=__file__)
         model = "tiny test UNet (25.8 M)" if args.tiny_unet else "full SD1.5 UNet (859.5 M)"
-        report(timing, memory, args.resolution, args.steps, args.rounds, ckpt,
-               model + (" fp32" if timing["device"] == "cpu" else " bf16"))
+        if args.memory_only:
+            print(f"\n{model}, {args.resolution} px, batch 1, rank {RANK}; {args.memory_steps} steps per trainer")
+            memory_report(memory, common.device_kind())
+        else:
+            print("-- timing run: " + ", ".join(names), flush=True)
+            timing = common.run_child(["--worker", "timing", *flags], script=__file__)
+            report(timing, memory, args.resolution, args.steps, args.rounds, ckpt,
+                   model + (" fp32" if timing["device"] == "cpu" else " bf16"))
         print(f"load average at end: {common.load_average()}")
     if not args.no_estimate:
         print("\n" + sdxl_estimate())

@@ -163,3 +163,28 @@ def test_gradient_checkpointing_trains_exactly_like_plain_backprop(tiny_sd15, tm
     from tlora_pack.trainer.train import checkpoint_units
     units = checkpoint_units(tiny_sd15[0].model.diffusion_model)
     assert len(units) > 3 and all("forward" not in vars(u) for u in units), "forward is given back"
+
+
+def test_frozen_product_on_the_weight_trains_like_two_passes(tiny_sd15, tmp_path, monkeypatch):
+    """Eq. 6's frozen product B0 S0 M_t A0 folded onto the layer's weight copy (no gradient) while the
+    trained product stays on the activations gives the losses and every step's gradients of the two-pass
+    form, to fp32 rounding. At 128 px the self-attention projections (256 rows) take the folded path."""
+    import math
+
+    from support.grads import AdamWGradients, assert_same_gradients
+    from tlora_pack.tlora_core import adapter
+    from tlora_pack.trainer import runtime
+
+    folded_calls, real = [], runtime.trained_delta
+    monkeypatch.setattr(runtime, "trained_delta", lambda *a, **k: folded_calls.append(1) or real(*a, **k))
+    log = AdamWGradients(monkeypatch)
+    folded_grads = log.run()
+    folded = _train(tiny_sd15, tmp_path / "folded", steps=2, storage="fp32", resolution=128)
+    assert folded_calls, "no layer took the folded path"
+    done = len(folded_calls)
+    monkeypatch.setattr(adapter, "split_cost", lambda *a: math.inf)  # today's choice: two passes or dense dW
+    two_pass_grads = log.run()
+    two_pass = _train(tiny_sd15, tmp_path / "two_pass", steps=2, storage="fp32", resolution=128)
+    assert len(folded_calls) == done
+    assert folded.losses == pytest.approx(two_pass.losses, rel=1e-5)
+    assert_same_gradients(two_pass_grads, folded_grads)

@@ -346,16 +346,22 @@ ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
 
 
 def sdxl_counts(latent: int = 128) -> dict:
+    """unet_counts of the SD-XL UNet at 1024 px."""
+    return unet_counts(SDXL_UNET, latent, 2048, 2816)
+
+
+def unet_counts(config: dict, latent: int, context_dim: int, adm: int | None) -> dict:
     """FLOPs of one forward and of forward + backward (input gradients only: the base is frozen),
     bytes kept for backward (bf16, each storage once), and rows / shape of every attention projection,
-    for the SD-XL UNet on the meta device (no memory, no compute)."""
+    for a ComfyUI UNet on the meta device (no memory, no compute)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        unet = UNetModel(**SDXL_UNET, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+        unet = UNetModel(**config, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
         x = torch.zeros(1, 4, latent, latent, dtype=torch.bfloat16, requires_grad=True)
-        t, ctx, y = torch.zeros(1), torch.zeros(1, 77, 2048, dtype=torch.bfloat16), torch.zeros(1, 2816, dtype=torch.bfloat16)
+        t, ctx = torch.zeros(1), torch.zeros(1, 77, context_dim, dtype=torch.bfloat16)
+        y = None if adm is None else torch.zeros(1, adm, dtype=torch.bfloat16)
     unet.requires_grad_(False)
     layers, storages = [], {}
 
@@ -424,6 +430,36 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
     lines.append(f"The reference code needs about 30 min for these 800 steps: its UNet work alone would then run at "
                  f"{implied:.1%} of peak, so most of its time goes elsewhere (per-step VAE/text encoding, validation "
                  f"sampling, checkpoint writes, batch-1 kernel overheads).")
+    return "\n".join(lines)
+
+
+def adapter_flop_table(resolution: int) -> str:
+    """Load-independent figures for the training rows: FLOPs per step of the frozen SD1.5 UNet (forward
+    + input-gradient backward, counted on the meta device) and of each trainer's adapters on the 128
+    attention projections (tlora_core.adapter's cost model; T-LoRA's averaged over t uniform in 0..999,
+    r(t) from the schedule). peft runs B·A·x on activations (forward 2·r·s, backward 4·r·s)."""
+    from tlora_pack.tlora_core.adapter import path_costs, split_cost, training_path
+    from tlora_pack.tlora_core.schedule import ranks_for_timesteps
+    c = unet_counts(common.SD15_UNET, resolution // 8, 768, None)
+    ranks = ranks_for_timesteps(torch.arange(1000), RANK, MIN_RANK)
+
+    def per_layer(rows, i, o, k, how):
+        weight, activations = path_costs(rows, i, o, k, how != "lora", True)
+        if how == "tlora":
+            return {"weight": weight, "activations": activations,
+                    "split": split_cost(rows, i, o, k)}[training_path(rows, i, o, k, True)]
+        return min(weight, activations)
+
+    peft = sum(6 * RANK * rows * (i + o) for rows, i, o in c["layers"])
+    rows = {"peft": peft, "lora": sum(per_layer(r, i, o, RANK, "lora") for r, i, o in c["layers"])}
+    for name, how in (("tlora before #21", "two_pass"), ("tlora", "tlora")):
+        rows[name] = sum(per_layer(r, i, o, k, how) for k in ranks for r, i, o in c["layers"]) / len(ranks)
+    base = c["fwd_bwd"]
+    lines = [f"FLOPs per training step, SD1.5 UNet at {resolution} px (meta device): frozen base forward + "
+             f"input-gradient backward {base / 1e9:.1f} G; adapters on the 128 attention projections:"]
+    for name, flops in rows.items():
+        lines.append(f"  {name:20} adapters {flops / 1e9:6.2f} G   step {(base + flops) / 1e9:7.1f} G   "
+                     f"/ peft {(base + flops) / (base + peft):.3f}x")
     return "\n".join(lines)
 
 
@@ -505,6 +541,7 @@ def main():
     parser.add_argument("--estimate-only", action="store_true", help="only the SD-XL estimate (meta device, ~1 min)")
     parser.add_argument("--no-estimate", action="store_true", help="leave the SD-XL estimate out")
     parser.add_argument("--memory-only", action="store_true", help="the memory runs only (no timing run)")
+    parser.add_argument("--flops-only", action="store_true", help="only the FLOP table (meta device, ~1 min)")
     parser.add_argument("--tiny-unet", action="store_true", help="the 25.8 M test UNet instead (a smoke run)")
     parser.add_argument("--real-init", action="store_true", help="run the Ortho-LoRA SVD init (slow; not timed)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -523,6 +560,9 @@ def main():
         print(common.RESULT_TAG + json.dumps(out), flush=True)
         return
     start = time.perf_counter()
+    if args.flops_only:
+        print(adapter_flop_table(args.resolution))
+        return
     unknown = sorted(set(names) - set(ADAPTS))
     if unknown:
         raise SystemExit(f"unknown trainers {unknown}: choose from {', '.join(ADAPTS)}")
@@ -547,6 +587,7 @@ def main():
                    model + (" fp32" if timing["device"] == "cpu" else " bf16"))
         print(f"load average at end: {common.load_average()}")
     if not args.no_estimate:
+        print("\n" + adapter_flop_table(args.resolution))
         print("\n" + sdxl_estimate())
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 

@@ -46,7 +46,7 @@ class SavedTensors:
             return "adapter parameter"
         module = self._stack[-1] if self._stack else None
         weight = getattr(module, "weight", None)
-        if torch.is_tensor(weight) and t.dim() == 2 and tuple(t.shape) == tuple(weight.shape):
+        if torch.is_tensor(weight) and t.dim() == 2 and sorted(t.shape) == sorted(weight.shape):  # or its transpose
             return "weight copy"
         return "activation: " + (type(module).__name__ if module is not None else "(outside modules)")
 

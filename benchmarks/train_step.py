@@ -23,9 +23,10 @@ shapes unless --real-init (setup only, never inside a timed step). CLIP and VAE 
 ones (tests/support/tiny_model.py; they run once, to encode); peft gets latents and text embeddings
 of the same shapes.
 Step time: all trainers in ONE child, interleaved round by round (reversed order every other round),
-the first step of every run (warm-up) left out; wall time and process CPU time (steadier on a shared machine). Peak memory:
-each trainer alone in a child process, peak RSS above the RSS once the base model is built (CUDA:
-allocator peak above the allocation then). Then an estimate of the paper's SD-XL recipe (1024 px,
+the first step of every run (warm-up) left out; wall time and process CPU time (steadier on a shared machine). Memory:
+each trainer alone in a child process, measured two ways (memory_counts.py): the bytes autograd saves
+for backward (exact, by kind) and the allocator's peak above the baseline once the base model is built
+(CUDA's count; on the CPU glibc's bytes in use, with peak RSS beside it). Then an estimate of the paper's SD-XL recipe (1024 px,
 rank 64, 800 steps, batch 1) on one A100-class GPU, from FLOPs and saved activations counted on the
 meta device (see sdxl_estimate).
 

@@ -23,9 +23,10 @@ shapes unless --real-init (setup only, never inside a timed step). CLIP and VAE 
 ones (tests/support/tiny_model.py; they run once, to encode); peft gets latents and text embeddings
 of the same shapes.
 Step time: all trainers in ONE child, interleaved round by round (reversed order every other round),
-the first step of every run (warm-up) left out; wall time and process CPU time (steadier on a shared machine). Peak memory:
-each trainer alone in a child process, peak RSS above the RSS once the base model is built (CUDA:
-allocator peak above the allocation then). Then an estimate of the paper's SD-XL recipe (1024 px,
+the first step of every run (warm-up) left out; wall time and process CPU time (steadier on a shared machine). Memory:
+each trainer alone in a child process, measured two ways (memory_counts.py): the bytes autograd saves
+for backward (exact, by kind) and the allocator's peak above the baseline once the base model is built
+(CUDA's count; on the CPU glibc's bytes in use, with peak RSS beside it). Then an estimate of the paper's SD-XL recipe (1024 px,
 rank 64, 800 steps, batch 1) on one A100-class GPU, from FLOPs and saved activations counted on the
 meta device (see sdxl_estimate).
 
@@ -34,11 +35,13 @@ meta device (see sdxl_estimate).
     .venv/bin/python benchmarks/train_step.py --trainers tlora,tlora_preview --no-estimate   # preview cost
     .venv/bin/python benchmarks/train_step.py --gradient-checkpointing on
     .venv/bin/python benchmarks/train_step.py --estimate-only
+    .venv/bin/python benchmarks/train_step.py --trainers peft,lora,tlora --memory-only --no-estimate
 Needs benchmarks/requirements.txt (diffusers, peft) for the peft row.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -49,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sampling_step as common  # noqa: E402  (model build, memory probe, child runner)
+from memory_counts import AllocatorPeak, SavedTensors, extra_bytes  # noqa: E402
 
 RANK, MIN_RANK = common.RANK, common.MIN_RANK
 LR, PROMPT = 1e-4, "a photo of sks dog"
@@ -228,13 +232,14 @@ def run_peft(unet, latent, context, steps: int, checkpointing: bool):
                               beta_schedule="scaled_linear")
     gen = torch.Generator().manual_seed(0)
     autocast = device.type == "cuda"
+    counted = SAVED if SAVED is not None else contextlib.nullcontext()
     stamps = Stamps()
     stamps()
     for _ in range(steps):
         noise = torch.randn(latent.shape, generator=gen).to(device, latent.dtype)
         t = torch.randint(0, 1000, (latent.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(latent, noise, t)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), counted:
             pred = unet(noisy, t, encoder_hidden_states=context).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         optimizer.zero_grad(set_to_none=True)
@@ -281,12 +286,39 @@ def run_variant(name, parts, steps, checkpointing, folder):
                     previews=name == "tlora_preview")
 
 
+SAVED: SavedTensors | None = None  # set by memory_worker: run_peft counts its forward passes in it
+
+
+@contextlib.contextmanager
+def counting_saved(name: str, saved: SavedTensors):
+    """Every training forward pass of trainer `name` inside `saved` (this pack's: in place of the loop's
+    saved-tensor context, which is a no-op for SD1.5; TrainLoraNode's: around its fwd_bwd)."""
+    global SAVED
+    from comfy_extras import nodes_train
+    from tlora_pack.trainer import loop
+    real_saved, real_fwd_bwd = loop.saved_copies, nodes_train.TrainSampler.fwd_bwd
+
+    def counted_fwd_bwd(self, *a, **k):
+        with saved:
+            return real_fwd_bwd(self, *a, **k)
+    SAVED, loop.saved_copies = saved, lambda enabled: saved
+    nodes_train.TrainSampler.fwd_bwd = counted_fwd_bwd
+    try:
+        yield
+    finally:
+        SAVED, loop.saved_copies, nodes_train.TrainSampler.fwd_bwd = None, real_saved, real_fwd_bwd
+
+
 def memory_worker(name: str, resolution: int, steps: int, checkpointing: bool, tiny: bool) -> dict:
+    """Peak memory of `steps` steps of one trainer alone, measured two ways (memory_counts)."""
     parts = build([name], resolution, tiny)
-    memory = common.PeakMemory(common.device_kind()).start()
-    with tempfile.TemporaryDirectory() as folder:
+    saved = SavedTensors(parts["peft"] if name == "peft" else parts["base"].model)
+    memory = AllocatorPeak(common.device_kind()).start()
+    with tempfile.TemporaryDirectory() as folder, counting_saved(name, saved):
         _, _, adapter, _ = run_variant(name, parts, steps, checkpointing, folder)
-    return {"variant": name, "peak_bytes": memory.stop(), "adapter_bytes": adapter}
+    peaks = memory.stop()
+    return {"variant": name, "peak_bytes": peaks.get("rss", peaks.get("allocator", 0)),
+            "allocator_bytes": peaks.get("allocator"), "saved": saved.largest(), "adapter_bytes": adapter}
 
 
 def timing_worker(names, resolution: int, steps: int, rounds: int, checkpointing: bool, tiny: bool) -> dict:
@@ -315,16 +347,22 @@ ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
 
 
 def sdxl_counts(latent: int = 128) -> dict:
+    """unet_counts of the SD-XL UNet at 1024 px."""
+    return unet_counts(SDXL_UNET, latent, 2048, 2816)
+
+
+def unet_counts(config: dict, latent: int, context_dim: int, adm: int | None) -> dict:
     """FLOPs of one forward and of forward + backward (input gradients only: the base is frozen),
     bytes kept for backward (bf16, each storage once), and rows / shape of every attention projection,
-    for the SD-XL UNet on the meta device (no memory, no compute)."""
+    for a ComfyUI UNet on the meta device (no memory, no compute)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        unet = UNetModel(**SDXL_UNET, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+        unet = UNetModel(**config, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
         x = torch.zeros(1, 4, latent, latent, dtype=torch.bfloat16, requires_grad=True)
-        t, ctx, y = torch.zeros(1), torch.zeros(1, 77, 2048, dtype=torch.bfloat16), torch.zeros(1, 2816, dtype=torch.bfloat16)
+        t, ctx = torch.zeros(1), torch.zeros(1, 77, context_dim, dtype=torch.bfloat16)
+        y = None if adm is None else torch.zeros(1, adm, dtype=torch.bfloat16)
     unet.requires_grad_(False)
     layers, storages = [], {}
 
@@ -396,6 +434,36 @@ def sdxl_estimate(peak_tflops: float = 312.0, utilisation=(0.35, 0.45), steps: i
     return "\n".join(lines)
 
 
+def adapter_flop_table(resolution: int) -> str:
+    """Load-independent figures for the training rows: FLOPs per step of the frozen SD1.5 UNet (forward
+    + input-gradient backward, counted on the meta device) and of each trainer's adapters on the 128
+    attention projections (tlora_core.adapter's cost model; T-LoRA's averaged over t uniform in 0..999,
+    r(t) from the schedule). peft runs B·A·x on activations (forward 2·r·s, backward 4·r·s)."""
+    from tlora_pack.tlora_core.adapter import path_costs, split_cost, training_path
+    from tlora_pack.tlora_core.schedule import ranks_for_timesteps
+    c = unet_counts(common.SD15_UNET, resolution // 8, 768, None)
+    ranks = ranks_for_timesteps(torch.arange(1000), RANK, MIN_RANK)
+
+    def per_layer(rows, i, o, k, how):
+        weight, activations = path_costs(rows, i, o, k, how != "lora", True)
+        if how == "tlora":
+            return {"weight": weight, "activations": activations,
+                    "split": split_cost(rows, i, o, k)}[training_path(rows, i, o, k, True)]
+        return min(weight, activations)
+
+    peft = sum(6 * RANK * rows * (i + o) for rows, i, o in c["layers"])
+    rows = {"peft": peft, "lora": sum(per_layer(r, i, o, RANK, "lora") for r, i, o in c["layers"])}
+    for name, how in (("tlora before #21", "two_pass"), ("tlora", "tlora")):
+        rows[name] = sum(per_layer(r, i, o, k, how) for k in ranks for r, i, o in c["layers"]) / len(ranks)
+    base = c["fwd_bwd"]
+    lines = [f"FLOPs per training step, SD1.5 UNet at {resolution} px (meta device): frozen base forward + "
+             f"input-gradient backward {base / 1e9:.1f} G; adapters on the 128 attention projections:"]
+    for name, flops in rows.items():
+        lines.append(f"  {name:20} adapters {flops / 1e9:6.2f} G   step {(base + flops) / 1e9:7.1f} G   "
+                     f"/ peft {(base + flops) / (base + peft):.3f}x")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- driver
 
 TIME_PAIRS = [("tlora", "peft", "T-LoRA / peft LoRA", "  (goal <= 1.0x)"),
@@ -422,11 +490,29 @@ def report(timing: dict, memory: dict, resolution: int, steps: int, rounds: int,
                  + common.ratio_lines(cpu, "CPU,  median", TIME_PAIRS)):
         print(line)
     preview_cost(t, wall)
-    peaks = {v: m["peak_bytes"] for v, m in memory.items()}
-    kind = "allocator peak" if timing["device"] == "cuda" else "peak RSS"
+    memory_report(memory, timing["device"])
+
+
+def memory_report(memory: dict, device: str):
+    """Per trainer: the bytes autograd saved for backward (largest step, by kind) beside the allocator's
+    and the RSS peak above the built model; then the ratios of each measure."""
+    mib = common.mib
+    print("\nmemory of one step, two ways (memory_counts.py); 'saved' = what autograd keeps for backward, each "
+          "storage once (model weights and adapter parameters, resident anyway, apart)")
+    print(f"{'trainer':13} {'saved MiB':>9} {'allocator peak':>14} {'peak RSS':>9}  saved by kind (MiB)")
+    for v, m in memory.items():
+        saved = m.get("saved") or {}
+        kinds = ", ".join(f"{k} {mib(b):.1f}" for k, b in sorted(saved.items(), key=lambda kv: -kv[1]) if b >= 2 ** 19)
+        rss = mib(m["peak_bytes"]) if device != "cuda" else float("nan")
+        print(f"{v:13} {mib(extra_bytes(saved)):9.1f} {mib(m.get('allocator_bytes') or 0):14.1f} {rss:9.1f}  {kinds}")
+    measures = {"saved for backward": lambda m: extra_bytes(m.get("saved") or {}),
+                "allocator peak": lambda m: m.get("allocator_bytes") or 0}
+    if device != "cuda":
+        measures["peak RSS"] = lambda m: m["peak_bytes"]
     for x, y, name, goal in TIME_PAIRS:
-        if x in peaks and y in peaks:
-            print(f"memory ({kind} above the built model) {name + ':':24} {peaks[x] / peaks[y]:.3f}x{goal}")
+        if x in memory and y in memory:
+            ratios = [f"{label} {f(memory[x]) / max(f(memory[y]), 1):.3f}x" for label, f in measures.items()]
+            print(f"memory {name + ':':32} " + ", ".join(ratios))
 
 
 def preview_cost(times: dict, wall: dict):
@@ -455,6 +541,8 @@ def main():
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off")
     parser.add_argument("--estimate-only", action="store_true", help="only the SD-XL estimate (meta device, ~1 min)")
     parser.add_argument("--no-estimate", action="store_true", help="leave the SD-XL estimate out")
+    parser.add_argument("--memory-only", action="store_true", help="the memory runs only (no timing run)")
+    parser.add_argument("--flops-only", action="store_true", help="only the FLOP table (meta device, ~1 min)")
     parser.add_argument("--tiny-unet", action="store_true", help="the 25.8 M test UNet instead (a smoke run)")
     parser.add_argument("--real-init", action="store_true", help="run the Ortho-LoRA SVD init (slow; not timed)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -473,6 +561,9 @@ def main():
         print(common.RESULT_TAG + json.dumps(out), flush=True)
         return
     start = time.perf_counter()
+    if args.flops_only:
+        print(adapter_flop_table(args.resolution))
+        return
     unknown = sorted(set(names) - set(ADAPTS))
     if unknown:
         raise SystemExit(f"unknown trainers {unknown}: choose from {', '.join(ADAPTS)}")
@@ -486,13 +577,18 @@ def main():
         for n in names:
             print(f"-- memory run: {n}", flush=True)
             memory[n] = common.run_child(["--worker", n, *flags], script=__file__)
-        print("-- timing run: " + ", ".join(names), flush=True)
-        timing = common.run_child(["--worker", "timing", *flags], script=__file__)
         model = "tiny test UNet (25.8 M)" if args.tiny_unet else "full SD1.5 UNet (859.5 M)"
-        report(timing, memory, args.resolution, args.steps, args.rounds, ckpt,
-               model + (" fp32" if timing["device"] == "cpu" else " bf16"))
+        if args.memory_only:
+            print(f"\n{model}, {args.resolution} px, batch 1, rank {RANK}; {args.memory_steps} steps per trainer")
+            memory_report(memory, common.device_kind())
+        else:
+            print("-- timing run: " + ", ".join(names), flush=True)
+            timing = common.run_child(["--worker", "timing", *flags], script=__file__)
+            report(timing, memory, args.resolution, args.steps, args.rounds, ckpt,
+                   model + (" fp32" if timing["device"] == "cpu" else " bf16"))
         print(f"load average at end: {common.load_average()}")
     if not args.no_estimate:
+        print("\n" + adapter_flop_table(args.resolution))
         print("\n" + sdxl_estimate())
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
 

@@ -196,7 +196,8 @@ class TLoraTrainFromImage(io.ComfyNode):
         name = result.saved[-1].relative_to(Path(loras_dir).resolve()).as_posix()
         # No previews (off, or every > steps): nodes on that output are skipped, not fed an empty batch
         shown = result.previews if result.previews is not None else ExecutionBlocker(None)
-        return io.NodeOutput(patched, result.tlora, name, loss_curve_image(result.losses), shown,
+        chart = loss_curve_image(result.losses, result.timesteps, result.first_step, result.tlora.config.max_timestep)
+        return io.NodeOutput(patched, result.tlora, name, chart, shown,
                              ui=ui.PreviewText(name))
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tlora_pack.tlora_core import init
-from tlora_pack.tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weight, masked_delta,
-                                           stack_width, stacked_factors)
+from tlora_pack.tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weight, frozen_product,
+                                           masked_delta, stack_width, stacked_factors, trained_delta, training_path)
 from tlora_pack.tlora_core.errors import TLoraFormatError
 
 IN, OUT, R = 10, 7, 6
@@ -221,3 +221,29 @@ def test_cost_rule_picks_activations_for_few_rows_and_weights_for_many():
     assert activations_cheaper(512, 640, 640, 48, True, with_grad=True)
     # 320 channels, 4096 rows: weight 8 * 48 * 320^2 + 2 * 4096 * 320^2 = 878 M < activations 1.26 G.
     assert not activations_cheaper(4096, 320, 320, 48, True, with_grad=True)
+
+
+@pytest.mark.parametrize("k", [1, 4, R])
+def test_frozen_product_on_the_weight_plus_trained_pass_is_eq_6(k):
+    """(W - B0 diag(S0 m) A0) x + B diag(S m) A x = W x + dW(t) x, against the dense Eq. 6 by hand."""
+    f = random_factors(13)
+    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(14))
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(15))
+    s0 = torch.diag(f.base_scale.double() * prefix(k).double())
+    by_hand = f.base_up.double() @ s0 @ f.base_down.double()
+    torch.testing.assert_close(frozen_product(f, prefix(k)).double(), by_hand, atol=1e-5, rtol=1e-5)
+    split = x @ (w - frozen_product(f, prefix(k))).T + trained_delta(x, f, prefix(k))
+    torch.testing.assert_close(split.double(), (x @ w.T).double() + x.double() @ dense_delta(f, prefix(k)).T,
+                               atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="frozen factors"):
+        frozen_product(random_factors(16, base=False), prefix(k))
+
+
+def test_training_folds_the_frozen_product_onto_the_weight_where_rows_are_many():
+    # k = 48, 320 channels: activations 10 k s, split 2 k io + 6 k s (s = rows (in + out) = 640 rows).
+    # 1024 rows: activations 315 M > split 9.8 M + 189 M = 199 M (and weight 39 M + 210 M = 249 M).
+    assert training_path(1024, 320, 320, 48, True) == "split"
+    # 64 rows: activations 19.7 M < split 9.8 M + 11.8 M = 21.6 M.
+    assert training_path(64, 320, 320, 48, True) == "activations"
+    # no frozen factors: never split (there is nothing frozen to fold)
+    assert training_path(1024, 320, 320, 48, False) != "split"

@@ -60,6 +60,7 @@ def test_high_t_trains_only_the_first_r_t_components(tiny_sd15, tmp_path, monkey
     # the noisiest training sigma (t = 999): r(999) = 3 + floor(5 * 1 / 1000) = 3
     monkeypatch.setattr(loop, "draw_sigmas", lambda kind, ms, n, gen: ms.sigmas[-1:].float().cpu().expand(n))
     result = _train(tiny_sd15, tmp_path, rank=8, min_rank=3, steps=2, weight_decay=0.0, storage="fp32")
+    assert result.timesteps == [999.0, 999.0], "each step's t, for the loss chart"
     patcher = tiny_sd15[0]
     init = new_factors(find_target_layers(patcher.model, "attention"),
                        TrainSettings(rank=8, min_rank=3, seed=0), True, torch.device("cpu"))
@@ -113,6 +114,7 @@ def test_cancel_keeps_a_file_and_resume_finishes_the_run(tiny_sd15, tmp_path, mo
     result = train_tlora(patcher, clip, vae, _image(), None, _settings(steps=5), str(tmp_path), "t/run",
                          resume=partial)
     assert len(result.losses) == 3 and result.tlora.config.training["steps_done"] == 5
+    assert result.first_step == 3 and len(result.timesteps) == 3
     assert result.saved[-1].name == "run_00001.safetensors"
 
 
@@ -161,3 +163,28 @@ def test_gradient_checkpointing_trains_exactly_like_plain_backprop(tiny_sd15, tm
     from tlora_pack.trainer.train import checkpoint_units
     units = checkpoint_units(tiny_sd15[0].model.diffusion_model)
     assert len(units) > 3 and all("forward" not in vars(u) for u in units), "forward is given back"
+
+
+def test_frozen_product_on_the_weight_trains_like_two_passes(tiny_sd15, tmp_path, monkeypatch):
+    """Eq. 6's frozen product B0 S0 M_t A0 folded onto the layer's weight copy (no gradient) while the
+    trained product stays on the activations gives the losses and every step's gradients of the two-pass
+    form, to fp32 rounding. At 128 px the self-attention projections (256 rows) take the folded path."""
+    import math
+
+    from support.grads import AdamWGradients, assert_same_gradients
+    from tlora_pack.tlora_core import adapter
+    from tlora_pack.trainer import runtime
+
+    folded_calls, real = [], runtime.trained_delta
+    monkeypatch.setattr(runtime, "trained_delta", lambda *a, **k: folded_calls.append(1) or real(*a, **k))
+    log = AdamWGradients(monkeypatch)
+    folded_grads = log.run()
+    folded = _train(tiny_sd15, tmp_path / "folded", steps=2, storage="fp32", resolution=128)
+    assert folded_calls, "no layer took the folded path"
+    done = len(folded_calls)
+    monkeypatch.setattr(adapter, "split_cost", lambda *a: math.inf)  # today's choice: two passes or dense dW
+    two_pass_grads = log.run()
+    two_pass = _train(tiny_sd15, tmp_path / "two_pass", steps=2, storage="fp32", resolution=128)
+    assert len(folded_calls) == done
+    assert folded.losses == pytest.approx(two_pass.losses, rel=1e-5)
+    assert_same_gradients(two_pass_grads, folded_grads)

@@ -8,8 +8,10 @@ non-orthogonal variants, whose up factor starts at zero; subtracting them is the
 The base weight W is never modified: the update is applied to activations, y = W x + strength · dW(t) x: either as a dense dW(t) added to W for a batch that shares one t
 (delta_weight), or on activations (masked_delta, one mask per sample), whichever costs less
 (activations_cheaper). Sampling uses the stacked form (stacked_factors: trained and frozen products
-in one GEMM); training runs them as two passes so that the frozen one needs no gradients. Both are
-exactly zero at initialisation.
+in one GEMM); training runs them as two passes so that the frozen one needs no gradients, or, where
+the layer has many rows, folds the frozen product onto the weight (frozen_product, no gradient) and
+runs only the trained one on activations (trained_delta; training_path picks). The stacked and
+two-pass forms are exactly zero at initialisation; the folded one to the rounding of W - B0 S0 M A0.
 """
 from __future__ import annotations
 
@@ -153,15 +155,24 @@ def masked_delta(x: torch.Tensor, f: LayerFactors, mask: Optional[torch.Tensor] 
     frozen pass needs no factor gradients, which makes this the cheaper form to train through (the
     stacked form would back-propagate into both halves of its GEMM).
     """
-    k = f.rank if active is None else active
-    mask = None if mask is None else mask[..., :k]
-    dtype = x.dtype
-    out = _low_rank(x, f.down[:k].to(dtype), f.up[:, :k].to(dtype),
-                    _gains(None if f.scale is None else f.scale[:k], mask, dtype))
+    out = trained_delta(x, f, mask, active)
     if f.has_base:
+        k = f.rank if active is None else active
+        dtype, mask = x.dtype, None if mask is None else mask[..., :k]
         out = out - _low_rank(x, f.base_down[:k].to(dtype), f.base_up[:, :k].to(dtype),
                               _gains(None if f.base_scale is None else f.base_scale[:k], mask, dtype))
     return out
+
+
+def trained_delta(x: torch.Tensor, f: LayerFactors, mask: Optional[torch.Tensor] = None,
+                  active: Optional[int] = None) -> torch.Tensor:
+    """B · diag(S ⊙ m_t) · A · x: the trained product of Eq. 6 alone (masked_delta's first pass), for a
+    layer whose frozen product is already on its weight (frozen_product)."""
+    k = f.rank if active is None else active
+    mask = None if mask is None else mask[..., :k]
+    dtype = x.dtype
+    return _low_rank(x, f.down[:k].to(dtype), f.up[:, :k].to(dtype),
+                     _gains(None if f.scale is None else f.scale[:k], mask, dtype))
 
 
 def delta_weight(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: Optional[int] = None,
@@ -175,18 +186,28 @@ def delta_weight(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: O
     if mask is not None and mask.numel() != mask.shape[-1]:
         raise ValueError(f"delta_weight takes one mask row, (r,) or (1, r), got shape {tuple(mask.shape)}; "
                          f"use masked_delta for a batch whose samples have different t.")
-    k = f.rank if active is None else active
-    row = None if mask is None else mask.reshape(-1)[:k]
-
-    def product(down, up, scale):
-        g = _gains(None if scale is None else scale[:k], row, dtype)
-        up = up[:, :k].to(dtype)
-        return (up if g is None else up * g) @ down[:k].to(dtype)
-
-    dw = product(f.down, f.up, f.scale)
+    dw = _dense_product(f.down, f.up, f.scale, mask, f.rank if active is None else active, dtype)
     if f.has_base:
-        dw = dw - product(f.base_down, f.base_up, f.base_scale)
+        dw = dw - frozen_product(f, mask, active, dtype)
     return dw
+
+
+def frozen_product(f: LayerFactors, mask: Optional[torch.Tensor] = None, active: Optional[int] = None,
+                   dtype=torch.float32) -> torch.Tensor:
+    """B0 · diag(S0 ⊙ m_t) · A0 [out, in], the frozen product of Eq. 6 for one mask row. Its factors never
+    train, so in training it can sit on the layer's weight (W - strength · this, no gradient) while the
+    trained product stays on the activations (trained_delta)."""
+    if not f.has_base:
+        raise ValueError("frozen_product needs frozen factors (base_down / base_up); this layer has none.")
+    return _dense_product(f.base_down, f.base_up, f.base_scale, mask, f.rank if active is None else active, dtype)
+
+
+def _dense_product(down, up, scale, mask, k: int, dtype) -> torch.Tensor:
+    """up[:, :k] · diag(scale ⊙ mask row) · down[:k], dense [out, in]."""
+    row = None if mask is None else mask.reshape(-1)[:k]
+    g = _gains(None if scale is None else scale[:k], row, dtype)
+    up = up[:, :k].to(dtype)
+    return (up if g is None else up * g) @ down[:k].to(dtype)
 
 
 def path_costs(rows: int, in_features: int, out_features: int, active: int, frozen_copies: bool,
@@ -206,6 +227,25 @@ def path_costs(rows: int, in_features: int, out_features: int, active: int, froz
         return 2 * c * active * io, 2 * c * active * s
     return (2 * c * active * io + 2 * rows * io + 4 * active * io,
             2 * c * active * s + 4 * active * s + 2 * (c - 1) * active * s)
+
+
+def split_cost(rows: int, in_features: int, out_features: int, active: int) -> int:
+    """FLOPs of a training step's dW for one layer with frozen factors when the frozen product is folded
+    onto the weight copy ComfyUI makes anyway (2·k·io, no gradient; the layer's own GEMMs run with W - F
+    instead of W at the same cost) and only the trained product runs on activations (2·k·s forward,
+    4·k·s backward; as path_costs)."""
+    return 2 * active * in_features * out_features + 6 * active * rows * (in_features + out_features)
+
+
+def training_path(rows: int, in_features: int, out_features: int, active: int, frozen_copies: bool) -> str:
+    """The cheapest way to add dW(t) to one layer in a training step whose rows share one t: 'weight'
+    (dense dW with gradients), 'split' (frozen product on the weight, trained one on activations; only
+    with frozen factors) or 'activations' (both products on activations, masked_delta)."""
+    weight, activations = path_costs(rows, in_features, out_features, active, frozen_copies, True)
+    costs = {"activations": activations, "weight": weight}
+    if frozen_copies:
+        costs["split"] = split_cost(rows, in_features, out_features, active)
+    return min(costs, key=costs.get)
 
 
 def activations_cheaper(rows: int, in_features: int, out_features: int, active: int, frozen_copies: bool,

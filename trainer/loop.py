@@ -20,6 +20,7 @@ import comfy.samplers
 from ..tlora_core.errors import TLoraError
 from .optim import optimizer_step
 from .preview import PreviewSettings, sample_preview
+from .timesteps import timesteps_from_sigmas
 
 FLOW_STEPS = 1000  # the reference FLUX code's flow times k / 1000, k = 1..1000
 
@@ -132,6 +133,7 @@ class TrainSampler(comfy.samplers.Sampler):
         self.runtime, self.copy_saved, self.previews = runtime, copy_saved, previews
         self.steps, self.autocast_dtype, self.hooks = steps, autocast_dtype, hooks
         self.generator = torch.Generator(device="cpu").manual_seed(seed + hooks.start_step)
+        self.last_t: Optional[float] = None  # the latest step's mean t, for the loss chart
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -164,6 +166,7 @@ class TrainSampler(comfy.samplers.Sampler):
             x0, w = latents[pick.to(latents.device)], None if weights is None else weights[pick.to(weights.device)]
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
         xt = model_sampling.noise_scaling(sigma, noise, x0, False)
+        self.last_t = float(timesteps_from_sigmas(model_sampling, sigma, self.runtime.schedule.max_timestep).mean())
         with self.autocast(x0.device), saved_copies(self.copy_saved):
             denoised = model_wrap(xt, sigma, **extra_args)
         err = (denoised.float() - x0.float()) ** 2

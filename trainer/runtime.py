@@ -10,7 +10,11 @@ How it enters ComfyUI (each with its undo, under a key of its own so several T-L
     whatever the number of fused slices adapted on it (one copy of the weight per call);
   * a forward hook that adds strength * dW(t_i) x_i to the output instead, per sample when rows carry
     different t, and for layers whose input has so few rows that this is cheaper (cross-attention
-    keys/values, the deepest blocks).
+    keys/values, the deepest blocks);
+  * in training, for layers with many rows, the two share the work: the weight function subtracts the
+    frozen product of Eq. 6 (no gradient) from the weight copy ComfyUI makes anyway, and the forward
+    hook adds only the trained product, so a T-LoRA step costs what a plain LoRA step costs plus one
+    k x in x out product per layer.
 The base weights are never modified and nothing is merged, so unpatching gives the original model.
 """
 from __future__ import annotations
@@ -27,8 +31,8 @@ import torch
 import comfy.lora
 import comfy.patcher_extension as pe
 
-from ..tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weight, masked_delta, stack_width,
-                                  stacked_delta, stacked_factors)
+from ..tlora_core.adapter import (LayerFactors, activations_cheaper, delta_weight, frozen_product, masked_delta,
+                                  stack_width, stacked_delta, stacked_factors, trained_delta, training_path)
 from ..tlora_core.errors import TLoraError
 from ..tlora_core.families import family_for
 from ..tlora_core.format import TLora
@@ -143,6 +147,7 @@ class AdaptedLayer:
         self.trained = False  # factors that require grad: two-pass forms, nothing cached
         self.rows: Optional[int] = None  # rows of the input in progress, to pick the cheaper path
         self.on_weight = False  # weight_function added dW for the forward pass in progress
+        self.frozen_on_weight = False  # ... or only the frozen product (training): the hook adds the trained one
         self.cache: dict = {}  # (device, dtype) -> stacked factors at full rank
         self.module: Optional[torch.nn.Module] = None  # the Linear, while injected
 
@@ -161,10 +166,16 @@ class AdaptedLayer:
         left, right = self.cache[(device, dtype)]
         return left[:, :self.width * k], right[:self.width * k]
 
-    def cheaper_on_activations(self, call: "CallMasks") -> bool:
+    def path(self, call: "CallMasks") -> str:
+        """Where this call's dW goes (the rows share one t): 'weight', 'activations', or in training with
+        frozen factors 'split' (tlora_core.adapter.training_path)."""
         f = self.factors
-        return self.rows is not None and activations_cheaper(self.rows, f.in_features, f.out_features, call.active,
-                                                             f.has_base, self.trained)
+        if self.rows is None:
+            return "weight"
+        if self.trained:
+            return training_path(self.rows, f.in_features, f.out_features, call.active, f.has_base)
+        cheaper = activations_cheaper(self.rows, f.in_features, f.out_features, call.active, f.has_base, False)
+        return "activations" if cheaper else "weight"
 
     def pre_hook(self, module, args):
         self.rows = args[0].numel() // args[0].shape[-1]
@@ -172,16 +183,23 @@ class AdaptedLayer:
     def new_rows(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """This layer's rows of W + strength * dW(t), in the weight's dtype, when this call adds dW on the
         weight; None when the forward hook adds it on the activations instead."""
-        self.on_weight = False
+        self.on_weight = self.frozen_on_weight = False
         call = self.runtime.current
-        if (call is None or not call.uniform or self.runtime.strength == 0 or self.cheaper_on_activations(call)
-                or not weight_path_exact(self.module, weight)):
+        if call is None or not call.uniform or self.runtime.strength == 0 or not weight_path_exact(self.module, weight):
             return None
-        self.on_weight = True
+        path = self.path(call)
+        if path == "activations":
+            return None
         # Training builds dW in float32 (a difference of two close products; autocast may still lower it).
         dtype, strength = torch.float32 if self.trained else compute_dtype(weight), self.runtime.strength
         offset, size = self.target.rows or (0, weight.shape[0])
         rows = weight[offset:offset + size].to(dtype)
+        if path == "split":  # W - strength * B0 S0 M A0: frozen factors, so no graph; forward_hook adds the rest
+            self.frozen_on_weight = True
+            with torch.no_grad():
+                frozen = frozen_product(self.factors.to(device=weight.device), call.masks[0], call.active, dtype)
+                return torch.add(rows, frozen, alpha=-strength).to(weight.dtype)
+        self.on_weight = True
         if self.trained:  # two passes: the frozen product needs no gradient
             dw = delta_weight(self.factors.to(device=weight.device), call.masks[0], call.active, dtype)
             new = torch.add(rows, dw, alpha=strength)
@@ -193,6 +211,8 @@ class AdaptedLayer:
     def delta(self, x: torch.Tensor, masks: Optional[torch.Tensor], k: int) -> torch.Tensor:
         """dW(t) x of the first k components (masks: per row, or None when all rows keep them)."""
         dtype = compute_dtype(x)
+        if self.frozen_on_weight:
+            return trained_delta(x.to(dtype), self.factors.to(device=x.device), masks, active=k)
         if self.trained:
             return masked_delta(x.to(dtype), self.factors.to(device=x.device), masks, active=k)
         left, right = self.stacked(x.device, dtype, k)
@@ -201,10 +221,13 @@ class AdaptedLayer:
     def forward_hook(self, module, args, output):
         on_weight, self.on_weight = self.on_weight, False
         call = self.runtime.current
-        if call is None or on_weight or self.runtime.strength == 0:
-            return None
-        return add_delta(output, args[0], call, self.runtime.strength, self.delta, self.target.layer_key,
-                         self.target.rows)
+        try:
+            if call is None or on_weight or self.runtime.strength == 0:
+                return None
+            return add_delta(output, args[0], call, self.runtime.strength, self.delta, self.target.layer_key,
+                             self.target.rows)
+        finally:
+            self.frozen_on_weight = False
 
 
 class SharedWeightFunction:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,6 +40,8 @@ class TrainResult:
     saved: list[Path]       # every file written, oldest first
     losses: list[float]
     previews: Optional[torch.Tensor] = None  # IMAGE batch [n, H, W, 3] of this run's previews, oldest first
+    timesteps: list[float] = field(default_factory=list)  # each step's mean t (0..T), as `losses`
+    first_step: int = 1  # the step number of losses[0] (above 1 when the run resumed another)
 
 
 def model_family(base_model) -> Family:
@@ -357,6 +359,7 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
     next_free_path(output_folder, prefix)  # refuse a bad file name before training, not after
     saved: list[Path] = []
     losses: list[float] = []
+    timesteps: list[float] = []
     preview_latents: list[torch.Tensor] = []  # ready for the VAE (process_latent_out), on the CPU
     previews = previews if previews is not None and previews.every > 0 else None
     history = list(state.losses) if state is not None else []  # every step's loss, earlier runs included
@@ -396,6 +399,7 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
 
         def on_step(step: int, loss: float):
             losses.append(loss)
+            timesteps.append(sampler.last_t)
             history.append(loss)
             rng_after_step["rng"] = sampler.generator.get_state()
             if progress is not None:
@@ -442,7 +446,8 @@ def train_tlora(model, clip, vae, image: torch.Tensor, mask: Optional[torch.Tens
                           f"Last good file: {saved[-1]}." if saved else "No file was saved.")
             raise
     # Hand on exactly what the file holds, so sampling now and loading the file later agree bit for bit.
-    return TrainResult(load_tlora(saved[-1]), saved, losses, decode_previews(vae, preview_latents))
+    return TrainResult(load_tlora(saved[-1]), saved, losses, decode_previews(vae, preview_latents),
+                       timesteps=timesteps, first_step=start + 1)
 
 
 def decode_previews(vae, latents: list[torch.Tensor]) -> Optional[torch.Tensor]:

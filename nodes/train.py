@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import comfy.model_management as mm
 import folder_paths
 import latent_preview
 from comfy.utils import ProgressBar
@@ -13,10 +14,11 @@ from comfy_api.latest import io, ui
 from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..trainer.plot import loss_curve_image
+from ..trainer.memory import MEMORY_CHOICES, OFF, plan_memory
 from ..trainer.preview import PreviewSettings
 from ..trainer.runtime import apply_tlora
 from ..trainer.settings import TRAINING_DTYPES, TrainSettings
-from ..trainer.train import model_family, train_tlora
+from ..trainer.train import config_class_names, model_family, train_tlora
 from ..tlora_core.families import AUTO, TARGET_SETS
 from ..tlora_core.config import ORTHO_INITS, VARIANTS
 from .common import CATEGORY, TLoraType, user_errors
@@ -144,6 +146,11 @@ class TLoraTrainFromImage(io.ComfyNode):
                 io.Float.Input("preview_cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="CFG of the previews. 0 = the family's (SD: 5; Flux: 1 at guidance 3.5; "
                                        "other DiTs: 4). Distilled models (Flux schnell, Z-Image turbo) want 1."),
+                io.Combo.Input("memory", options=list(MEMORY_CHOICES), default=OFF, optional=True,
+                               tooltip="Fit training on your card: a preset turns on gradient checkpointing and "
+                                       "caps the resolution as the family needs at that size (README: 'what fits "
+                                       "on your card'); the log says when it assumes an fp8 base. auto: picked "
+                                       "by the GPU's free memory (on a CPU: no change). off: the settings above."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the trained T-LoRA applied."),
                      TLoraType.Output(display_name="TLORA"),
@@ -162,13 +169,15 @@ class TLoraTrainFromImage(io.ComfyNode):
                 weight_decay=1e-4, exponent=1.0, resolution=0, targets="attention",
                 gradient_checkpointing=False, training_dtype="auto", save_every=0,
                 storage="fp16", conditioning=None, preview_every=0, preview_prompt="{prompt} on the beach",
-                preview_steps=0, preview_cfg=0.0) -> io.NodeOutput:
+                preview_steps=0, preview_cfg=0.0, memory=OFF) -> io.NodeOutput:
         family = model_family(model.model)
+        fit = plan_memory(memory, family, gradient_checkpointing, resolution, model.model.get_dtype(),
+                          mm.get_torch_device(), config_classes=config_class_names(model.model))
         recipe = family.recipe.resolve(variant, rank, min_rank, steps)
         settings = TrainSettings(
             **recipe, exponent=exponent, init=init,
-            learning_rate=learning_rate, weight_decay=weight_decay, seed=seed, resolution=resolution,
-            targets=targets, gradient_checkpointing=gradient_checkpointing, training_dtype=training_dtype,
+            learning_rate=learning_rate, weight_decay=weight_decay, seed=seed, resolution=fit.resolution,
+            targets=targets, gradient_checkpointing=fit.gradient_checkpointing, training_dtype=training_dtype,
             save_every=save_every, storage=storage, trigger=trigger, class_word=class_word,
             prompt=fill_prompt(prompt_template, trigger, class_word))
         look = family.recipe.preview

@@ -38,9 +38,14 @@ class TrainResult:
     previews: Optional[torch.Tensor] = None  # IMAGE batch [n, H, W, 3] of this run's previews, oldest first
 
 
+def config_class_names(base_model) -> tuple[str, ...]:
+    """The names of a ComfyUI BaseModel's config class and its bases, most specific first."""
+    return tuple(cls.__name__ for cls in type(base_model.model_config).__mro__)
+
+
 def model_family(base_model) -> Family:
     """The family table entry of a ComfyUI BaseModel, from its config class and that class's bases."""
-    names = [cls.__name__ for cls in type(base_model.model_config).__mro__]
+    names = config_class_names(base_model)
     family = family_for(names)
     if family is None:
         raise TLoraError(f"T-LoRA training does not know the model family {names[0]} yet; it supports "

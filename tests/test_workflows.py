@@ -24,10 +24,19 @@ from support.workflow_format import (VIRTUAL_NODES, find_node, find_nodes, input
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
-EXPECTED = ("train_and_sample", "load_and_sample", "lora_vs_tlora", "convert_to_lora")
+SD_WORKFLOWS = ("train_and_sample", "load_and_sample", "lora_vs_tlora", "convert_to_lora")
+# One per family group, with the model's own loaders. Their API twins are not run here: every one needs a
+# text encoder, and ComfyUI builds those at their full published size whatever the file holds (T5-XXL
+# 4.8 B parameters for Flux and SD3.5, Qwen2.5-VL 7 B for Qwen-Image, Qwen3 4 B for Z-Image, umT5-XXL
+# 5.7 B for Wan), so no tiny file loads through CLIPLoader / DualCLIPLoader / TripleCLIPLoader.
+FAMILY_WORKFLOWS = ("train_on_flux", "train_on_qwen_image", "train_on_z_image", "train_on_sd35", "train_on_wan22")
+EXPECTED = SD_WORKFLOWS + FAMILY_WORKFLOWS
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 # Combos whose choices are the user's files: the committed names need not exist on the test server.
-FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("TLoraLoad", "tlora_name")}
+FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("TLoraLoad", "tlora_name"),
+                ("UNETLoader", "unet_name"), ("VAELoader", "vae_name"), ("CLIPLoader", "clip_name"),
+                ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
+                *(("TripleCLIPLoader", f"clip_name{i}") for i in (1, 2, 3))}
 TINY = {"steps": 3, "rank": 4, "min_rank": 2, "resolution": 64, "learning_rate": 1e-3}
 SIZE = 64
 
@@ -132,14 +141,21 @@ def test_every_input_is_given_and_valid(name, object_info):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_settings_are_the_papers(name, object_info):
+    """The SD workflows hold the paper's recipe and sampler; the family ones leave the recipe to the
+    family table ("auto" / 0) and fit memory to the card ("auto")."""
     ui, api = load_ui(name), load_api(name)
     for node_id in find_nodes(api, "TLoraTrainFromImage"):
         inputs = api[node_id]["inputs"]
-        assert (inputs["rank"], inputs["min_rank"], inputs["steps"]) == (64, 32, 800), (name, node_id)
+        if name in FAMILY_WORKFLOWS:
+            assert (inputs["variant"], inputs["rank"], inputs["min_rank"], inputs["steps"]) == ("auto", 0, 0, 0), name
+            assert inputs["memory"] == "auto", name
+        else:
+            assert (inputs["rank"], inputs["min_rank"], inputs["steps"]) == (64, 32, 800), (name, node_id)
         assert inputs["learning_rate"] == pytest.approx(1e-4) and inputs["weight_decay"] == pytest.approx(1e-4)
     for node_id in find_nodes(api, "KSampler"):
         inputs = api[node_id]["inputs"]
-        assert (inputs["steps"], inputs["cfg"], inputs["sampler_name"]) == (25, 5.0, "euler"), (name, node_id)
+        if name not in FAMILY_WORKFLOWS:
+            assert (inputs["steps"], inputs["cfg"], inputs["sampler_name"]) == (25, 5.0, "euler"), (name, node_id)
     # Seeds stay fixed: "randomize" would train again (800 steps) on every queue.
     for node in ui["nodes"]:
         for key, value in widget_values_by_name(node, object_info).items():
@@ -147,6 +163,19 @@ def test_committed_settings_are_the_papers(name, object_info):
                 assert value == "fixed", f"{name} node {node['id']} ({node['type']}) {key} = {value!r}"
     notes = [n for n in ui["nodes"] if n["type"] in VIRTUAL_NODES]
     assert notes and all(n["widgets_values"][0].strip() for n in notes), f"{name}: no explanatory note"
+
+
+def test_family_workflows_load_the_model_with_its_own_loaders():
+    """No family workflow starts from an SD checkpoint loader but SD3.5's (its checkpoint holds MODEL and
+    VAE); every one loads the diffusion model's text encoders with a CLIP loader of their own."""
+    for name in FAMILY_WORKFLOWS:
+        types = {n["class_type"] for n in load_api(name).values()}
+        assert ("CheckpointLoaderSimple" in types) == (name == "train_on_sd35"), name
+        assert types & {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}, name
+    assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance"} <= {
+        n["class_type"] for n in load_api("train_on_flux").values()}
+    assert {"CreateVideo", "SaveVideo", "Wan22ImageToVideoLatent"} <= {
+        n["class_type"] for n in load_api("train_on_wan22").values()}
 
 
 def test_templates_menu_lists_exactly_the_ui_workflows(comfy_server):

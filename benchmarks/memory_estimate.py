@@ -17,7 +17,8 @@ needs the room, so they are left out. A card of N GiB is counted as N - 1 GiB us
 allocator slack).
 
 The last table is what the Train node's `memory` presets hold (tlora_core/families.py, MEMORY_PRESETS):
-for each card, the first setting in PREFERENCE that fits, for the largest model of each family.
+for each card, the first setting in PREFERENCE that fits; each key there takes the row of the model it is
+sized on (a family's largest, or a config class's own).
 Goals (issue 19): FLUX.1-dev and Flux.2 Klein <= 16 GiB, SD-XL <= 8 GiB, Wan 2.2 5B <= 16 GiB.
 """
 from __future__ import annotations
@@ -54,7 +55,6 @@ class Subject:
     context: tuple = (77, 768)   # text tokens, width
     pooled: int = 0
     guidance: bool = False
-    largest: bool = True         # the family's largest model (its presets are sized on it)
     unet: Optional[dict] = None  # a UNet's whole config instead (the detector needs every key of one)
 
 
@@ -71,13 +71,14 @@ def _flux(hidden, double, single, context, flux2=False, vec=768, guidance=True) 
         keys["vector_in.in_layer.weight"] = (hidden, vec)
     if guidance:
         keys["guidance_in.in_layer.weight"] = (hidden, 256)
-    return {**keys, **_blocks("double_blocks.{}.img_attn.qkv.weight", double), **_blocks("single_blocks.{}.linear1.weight", single)}
+    return {**keys, **_blocks("double_blocks.{}.img_attn.qkv.weight", double),
+            **_blocks("single_blocks.{}.linear1.weight", single)}
 
 
 def _sd3(depth, attn2_layers=0, patches=192 * 192) -> dict:
     width = 64 * depth
-    keys = {"joint_blocks.0.context_block.attn.qkv.weight": (3 * width, width), "x_embedder.proj.weight": (width, 16, 2, 2),
-            "final_layer.linear.weight": (64, width), "y_embedder.mlp.0.weight": (width, 2048),
+    keys = {"joint_blocks.0.context_block.attn.qkv.weight": (3 * width, width),
+            "x_embedder.proj.weight": (width, 16, 2, 2), "final_layer.linear.weight": (64, width), "y_embedder.mlp.0.weight": (width, 2048),
             "context_embedder.weight": (width, 4096), "pos_embed": (1, patches, width),
             "joint_blocks.0.context_block.attn.ln_q.weight": (64,)}
     keys.update(_blocks("joint_blocks.{}.x_block.attn2.qkv.weight", attn2_layers))
@@ -91,8 +92,8 @@ def _wan(dim, layers, ffn, in_dim, out_dim) -> dict:
 
 _UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
              legacy=False, use_checkpoint=False, use_temporal_attention=False, use_temporal_resblock=False)
-SD15_UNET = dict(_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                 transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+SD15_UNET = dict(_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
                  use_linear_in_transformer=False, context_dim=768, num_heads=8)
 SD21_UNET = dict(SD15_UNET, use_linear_in_transformer=True, context_dim=1024, num_heads=-1, num_head_channels=64)
 from train_step import SDXL_UNET  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
@@ -104,25 +105,26 @@ SUBJECTS = (
     Subject("flux_dev", "FLUX.1-dev", "Flux", _flux(3072, 19, 38, 4096), (16, 8), context=(512, 4096), pooled=768,
             guidance=True),
     Subject("klein_4b", "Flux.2 Klein 4B", "Flux2", _flux(3072, 5, 20, 7680, flux2=True, vec=0, guidance=False),
-            (128, 16), context=(512, 7680), largest=False),
+            (128, 16), context=(512, 7680)),
     Subject("klein_9b", "Flux.2 Klein 9B", "Flux2", _flux(4096, 8, 24, 12288, flux2=True, vec=0, guidance=False),
-            (128, 16), context=(512, 12288), largest=False),
+            (128, 16), context=(512, 12288)),
     Subject("flux2_dev", "Flux.2 dev (32B)", "Flux2", _flux(6144, 8, 48, 15360, flux2=True, vec=0), (128, 16),
             context=(512, 15360), guidance=True),
-    Subject("sd35_medium", "SD3.5 Medium", "SD3", _sd3(24, 13, 384 * 384), (16, 8), context=(154, 4096), pooled=2048,
-            largest=False),
+    Subject("sd35_medium", "SD3.5 Medium", "SD3", _sd3(24, 13, 384 * 384), (16, 8), context=(154, 4096), pooled=2048),
     Subject("sd35_large", "SD3.5 Large", "SD3", _sd3(38), (16, 8), context=(154, 4096), pooled=2048),
-    Subject("lumina2", "Lumina 2", "Lumina2", {"cap_embedder.1.weight": (2304, 2304), **_blocks("layers.{}.attention.qkv.weight", 26),
-                                              "noise_refiner.0.attention.k_norm.weight": (1,)}, (16, 8), context=(256, 2304),
-            largest=False),
+    Subject("lumina2", "Lumina 2", "Lumina2", {"cap_embedder.1.weight": (2304, 2304),
+                                              **_blocks("layers.{}.attention.qkv.weight", 26),
+                                              "noise_refiner.0.attention.k_norm.weight": (1,)},
+            (16, 8), context=(256, 2304)),
     Subject("zimage", "Z-Image", "Lumina2", {"cap_embedder.1.weight": (3840, 2560), "cap_pad_token": (1, 3840),
                                             **_blocks("layers.{}.attention.qkv.weight", 30),
-                                            "noise_refiner.0.attention.k_norm.weight": (1,)}, (16, 8), context=(256, 2560)),
+                                            "noise_refiner.0.attention.k_norm.weight": (1,)},
+            (16, 8), context=(256, 2560)),
     Subject("qwen_image", "Qwen-Image", "QwenImage", {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
                                                       **_blocks("transformer_blocks.{}.attn.to_q.weight", 60)},
             (16, 8), frames=True, context=(256, 3584)),
     Subject("wan22_5b", "Wan 2.2 5B (TI2V), one frame", "Wan", _wan(3072, 30, 14336, 48, 48), (48, 16), frames=True,
-            context=(512, 4096), largest=False),
+            context=(512, 4096)),
     Subject("wan22_14b", "Wan 2.2 14B (T2V, one expert), one frame", "Wan", _wan(5120, 40, 13824, 16, 16), (16, 8),
             frames=True, context=(512, 4096)),
 )
@@ -286,7 +288,8 @@ def describe(setting, native: int) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated subject keys: " + ", ".join(s.key for s in SUBJECTS))
+    parser.add_argument("--only", default="",
+                        help="comma-separated subject keys: " + ", ".join(s.key for s in SUBJECTS))
     cli = parser.parse_args()
     from support import comfy_env
     print(f"torch {torch.__version__}; ComfyUI at {comfy_env.comfyui_dir()}")
@@ -300,7 +303,8 @@ def main():
                     f"{r[(False, True, n)]:.1f} | {r[(True, True, n)]:.1f} | "
                     + " | ".join(f"{r[k]:.1f}" if (k := (True, True, px)) in r else "-" for px in (768, 512)) + " |")
         presets.append(f"| {subject.title} | " + " | ".join(describe(preset_for(r, c), n) for c in CARDS) + " |")
-    print("\nPeak GiB of one training step (bf16 / fp8 base; checkpointing off / on; then fp8 + checkpointing at 768 and 512 px)")
+    print("\nPeak GiB of one training step (bf16 / fp8 base; checkpointing off / on; then fp8 + checkpointing "
+          "at 768 and 512 px)")
     print("| model | px | bf16 | fp8 | bf16 + ckpt | fp8 + ckpt | fp8 + ckpt 768 px | fp8 + ckpt 512 px |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -89,7 +89,8 @@ def test_auto_on_a_gpu_picks_the_largest_card_the_free_memory_holds():
     from tlora_pack.trainer.memory import card_for
     as_loaded = memory_table("Flux").as_loaded_gib
     assert as_loaded > 24
-    assert [card_for("auto", gib, as_loaded) for gib in (3.0, 7.6, 11.0, 12.0, 20.0, 23.6, 60.0)] == [8, 8, 8, 12, 16, 24, 24]
+    free = (3.0, 7.6, 11.0, 12.0, 20.0, 23.6, 60.0)
+    assert [card_for("auto", gib, as_loaded) for gib in free] == [8, 8, 8, 12, 16, 24, 24]
     assert card_for("auto", as_loaded + 1.0, as_loaded) is None  # room for the run as loaded: no preset
     assert card_for("12 GB", 100.0, as_loaded) == 12  # a named card is taken as it is
     plan = _plan("auto", available=15.8)

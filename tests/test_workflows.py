@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from support.comfy_server import PACK_DIR_NAME
-from support.workflow_format import (VIRTUAL_NODES, find_node, find_nodes, input_specs, ui_to_api,
+from support.workflow_format import (VIRTUAL_NODES, display_title, find_node, find_nodes, input_specs, ui_to_api,
                                      widget_values_by_name)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_ui_and_api_twins_agree(name, object_info):
                 assert str(dst) == node_id and node["inputs"][dst_slot]["name"] == slot["name"]
                 ui_wired[slot["name"]] = [str(src), src_slot]
         assert ui_wired == wired, f"{name} node {node_id} ({node['type']}): UI links != API links"
-        assert (node.get("title") or object_info[node["type"]]["display_name"]) == api[node_id]["_meta"]["title"]
+        assert display_title(node, object_info) == api[node_id]["_meta"]["title"]
     assert ui_to_api(ui, object_info) == api
 
 

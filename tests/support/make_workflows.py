@@ -224,11 +224,11 @@ def _family_sampling(x, y, model_link, clip_link, vae_link, sampler, latent, sav
                      positive=POSITIVE, video_fps=None):
     """Prompts (FluxGuidance on the positive one when `guidance`), latent (type, widgets; one that takes a
     VAE gets it), KSampler, decode, then SaveImage, or CreateVideo + SaveVideo at `video_fps`: nodes 20-27."""
-    latent_type, latent_widgets = latent
+    latent_type, latent_widgets, latent_title = latent
     nodes = [
         NodeSpec(20, "CLIPTextEncode", (x, y), {"text": positive}, "Positive prompt", (400, 160), **GREEN),
         NodeSpec(21, "CLIPTextEncode", (x, y + 210), {"text": NEGATIVE}, "Negative prompt", (400, 160), **RED),
-        NodeSpec(22, latent_type, (x, y + 420), latent_widgets, size=(400, 170)),
+        NodeSpec(22, latent_type, (x, y + 420), latent_widgets, latent_title, (400, 170)),
         NodeSpec(23, "KSampler", (x + 450, y), dict(sampler), size=(320, 270)),
         NodeSpec(24, "VAEDecode", (x + 450, y + 320), size=(320, 50)),
     ]
@@ -240,10 +240,12 @@ def _family_sampling(x, y, model_link, clip_link, vae_link, sampler, latent, sav
     if guidance is None:
         links.append((20, "CONDITIONING", 23, "positive"))
     else:
-        nodes.append(NodeSpec(26, "FluxGuidance", (x + 450, y + 420), {"guidance": guidance}, size=(320, 60)))
+        nodes.append(NodeSpec(26, "FluxGuidance", (x + 450, y + 420), {"guidance": guidance}, "Flux guidance",
+                              (320, 60)))
         links += [(20, "CONDITIONING", 26, "conditioning"), (26, "CONDITIONING", 23, "positive")]
     if video_fps is None:
-        nodes.append(NodeSpec(25, "SaveImage", (x + 820, y), {"filename_prefix": save_prefix}, "Save samples", (420, 460)))
+        nodes.append(NodeSpec(25, "SaveImage", (x + 820, y), {"filename_prefix": save_prefix}, "Save samples",
+                              (420, 460)))
         links.append((24, "IMAGE", 25, "images"))
     else:
         nodes += [NodeSpec(25, "CreateVideo", (x + 820, y), {"fps": video_fps}, size=(320, 80)),
@@ -265,7 +267,8 @@ def _diffusion_loaders(unet, vae, clip_node):
 
 
 def _family_workflow(name, key, title, loaders, model_link, clip_link, vae_link, note, sampler,
-                     latent=("EmptySD3LatentImage", LATENT), sampling_model=None, **sampling) -> WorkflowSpec:
+                     latent=("EmptySD3LatentImage", LATENT, "Empty latent"), sampling_model=None,
+                     **sampling) -> WorkflowSpec:
     """Loaders, training, sampling with the trained model (through `sampling_model`, a ModelSampling
     node on the Train node's MODEL, when the family's sampling wants one)."""
     nodes, links = list(loaders), []
@@ -327,8 +330,10 @@ def train_on_z_image() -> WorkflowSpec:
 def train_on_sd35() -> WorkflowSpec:
     loaders = [
         NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": "sd3.5_large.safetensors"}, size=(320, 100)),
-        NodeSpec(4, "TripleCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
-                                                    "clip_name3": "t5xxl_fp8_e4m3fn.safetensors"}, size=(320, 130)),
+        NodeSpec(4, "TripleCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors",
+                                                    "clip_name2": "clip_g.safetensors",
+                                                    "clip_name3": "t5xxl_fp8_e4m3fn.safetensors"},
+                 "Load CLIP (SD3)", (320, 130)),
     ]
     note = _loaders_note("SD3.5 (Large or Medium)", ["Load Checkpoint: sd3.5_large (its MODEL and VAE)",
                                                      "TripleCLIPLoader: clip_l, clip_g, t5xxl"])
@@ -346,7 +351,8 @@ def train_on_wan22() -> WorkflowSpec:
         "\n\nThe photo trains as a one-frame video; the sample is a 33-frame clip (about 1.4 s at 24 fps).")
     shift = NodeSpec(6, "ModelSamplingSD3", (820, 40), {"shift": 8.0}, size=(320, 60))
     # the 5B model's latent: 48 channels at 1/16 size, 33 frames, made by Wan22ImageToVideoLatent (no start image)
-    latent = ("Wan22ImageToVideoLatent", {"width": 1280, "height": 704, "length": 33, "batch_size": 1})
+    latent = ("Wan22ImageToVideoLatent", {"width": 1280, "height": 704, "length": 33, "batch_size": 1},
+              "Empty video latent")
     return _family_workflow("train_on_wan22", "wan22", "Wan 2.2", loaders, (1, "MODEL"), (4, "CLIP"), (5, "VAE"),
                             note, _sampler(20, 5.0, "uni_pc"), latent, sampling_model=shift, video_fps=24.0,
                             positive="a video of sks dog running on the beach, golden hour")

@@ -88,14 +88,14 @@ def _meta_state_dict(keys: dict) -> dict:
     return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
 
 
-def build(name: str, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):
-    """(ModelPatcher, TinyFamily) of a tiny random model of family `name` (a key of TINY)."""
+def build(name, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):
+    """(ModelPatcher, TinyFamily) of a tiny random model of family `name` (a key of TINY, or a TinyFamily)."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    spec = TINY[name]
+    spec = TINY[name] if isinstance(name, str) else name
     sd = _meta_state_dict(spec.keys)
     unet_config = dict(spec.unet_config) or comfy.model_detection.detect_unet_config(sd, "")
     unet_config.update(spec.overrides)

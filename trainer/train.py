@@ -246,14 +246,20 @@ def inference_weight_copies() -> pe.PatcherInjection:
 
     ComfyUI runs nodes in inference mode, so a model loaded there holds inference tensors, which
     autograd may not save for backward. For every ComfyUI op whose weight or bias is one, a no-op
-    weight/bias function is added: the op then hands forward a fresh (ordinary) copy. An injection,
+    weight/bias function is added: the op then hands forward a fresh (ordinary) copy. Parameters of
+    modules that are not ComfyUI ops (the RMSNorm scales of SD3's and Flux's q/k norms on some hosts)
+    are swapped for ordinary copies while the model is loaded, and put back on eject. An injection,
     because ModelPatcher.load resets these lists and re-applies injections afterwards.
     """
-    added = []
+    added, swapped = [], []
 
     def inject(patcher):
         for m in patcher.model.modules():
             if not hasattr(m, "comfy_cast_weights"):
+                for name, p in list(m.named_parameters(recurse=False)):
+                    if p.is_inference():
+                        setattr(m, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+                        swapped.append((m, name, p))
                 continue
             for attr, fn_list in (("weight", "weight_function"), ("bias", "bias_function")):
                 t = getattr(m, attr, None)
@@ -264,7 +270,10 @@ def inference_weight_copies() -> pe.PatcherInjection:
     def eject(patcher):
         for m, fn_list in added:
             setattr(m, fn_list, [f for f in getattr(m, fn_list) if f is not _fresh_copy])
+        for m, name, p in swapped:
+            setattr(m, name, p)
         added.clear()
+        swapped.clear()
 
     return pe.PatcherInjection(inject=inject, eject=eject)
 

@@ -174,7 +174,7 @@ def test_family_workflows_load_the_model_with_its_own_loaders():
         assert types & {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}, name
     assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance"} <= {
         n["class_type"] for n in load_api("train_on_flux").values()}
-    assert {"CreateVideo", "SaveVideo", "Wan22ImageToVideoLatent"} <= {
+    assert {"SaveAnimatedWEBP", "Wan22ImageToVideoLatent"} <= {
         n["class_type"] for n in load_api("train_on_wan22").values()}
 
 

@@ -222,8 +222,9 @@ def _family_training(x, y, model_link, clip_link, vae_link, key, title, note):
 
 def _family_sampling(x, y, model_link, clip_link, vae_link, sampler, latent, save_prefix, guidance=None,
                      positive=POSITIVE, video_fps=None):
-    """Prompts (FluxGuidance on the positive one when `guidance`), latent (type, widgets; one that takes a
-    VAE gets it), KSampler, decode, then SaveImage, or CreateVideo + SaveVideo at `video_fps`: nodes 20-27."""
+    """Prompts (FluxGuidance on the positive one when `guidance`), latent (type, widgets, title; one that
+    takes a VAE gets it), KSampler, decode, then SaveImage, or an animated WebP at `video_fps` (SaveAnimatedWEBP:
+    the same widgets on both hosts, where CreateVideo gained one in 0.33): nodes 20-26."""
     latent_type, latent_widgets, latent_title = latent
     nodes = [
         NodeSpec(20, "CLIPTextEncode", (x, y), {"text": positive}, "Positive prompt", (400, 160), **GREEN),
@@ -248,10 +249,10 @@ def _family_sampling(x, y, model_link, clip_link, vae_link, sampler, latent, sav
                               (420, 460)))
         links.append((24, "IMAGE", 25, "images"))
     else:
-        nodes += [NodeSpec(25, "CreateVideo", (x + 820, y), {"fps": video_fps}, size=(320, 80)),
-                  NodeSpec(27, "SaveVideo", (x + 820, y + 130), {"filename_prefix": save_prefix}, "Save video",
-                           (420, 460))]
-        links += [(24, "IMAGE", 25, "images"), (25, "VIDEO", 27, "video")]
+        nodes.append(NodeSpec(25, "SaveAnimatedWEBP", (x + 820, y), {"filename_prefix": save_prefix, "fps": video_fps,
+                                                                      "lossless": False, "quality": 90},
+                              "Save video (animated WebP)", (420, 520)))
+        links.append((24, "IMAGE", 25, "images"))
     return nodes, links
 
 
@@ -261,9 +262,10 @@ def _sampler(steps, cfg, sampler="euler", scheduler="simple"):
 
 def _diffusion_loaders(unet, vae, clip_node):
     """Load Diffusion Model (1), Load VAE (5) and the family's text-encoder loader (4)."""
-    return [NodeSpec(1, "UNETLoader", (40, 40), {"unet_name": unet, "weight_dtype": "default"}, size=(320, 110)),
+    return [NodeSpec(1, "UNETLoader", (40, 40), {"unet_name": unet, "weight_dtype": "default"},
+                     "Load Diffusion Model", (320, 110)),
             clip_node,
-            NodeSpec(5, "VAELoader", (40, 330), {"vae_name": vae}, size=(320, 60))]
+            NodeSpec(5, "VAELoader", (40, 330), {"vae_name": vae}, "Load VAE", (320, 60))]
 
 
 def _family_workflow(name, key, title, loaders, model_link, clip_link, vae_link, note, sampler,
@@ -294,7 +296,7 @@ def _loaders_note(title, files):
 def train_on_flux() -> WorkflowSpec:
     clip = NodeSpec(4, "DualCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors",
                                                      "clip_name2": "t5xxl_fp8_e4m3fn.safetensors", "type": "flux"},
-                    size=(320, 130))
+                    "Load CLIP-L + T5-XXL", (320, 130))
     loaders = _diffusion_loaders("flux1-dev.safetensors", "ae.safetensors", clip)
     note = _loaders_note("FLUX.1-dev (or schnell, Chroma)", [
         "Load Diffusion Model: flux1-dev (weight_dtype fp8_e4m3fn on cards under 24 GB)",
@@ -306,30 +308,31 @@ def train_on_flux() -> WorkflowSpec:
 
 def train_on_qwen_image() -> WorkflowSpec:
     clip = NodeSpec(4, "CLIPLoader", (40, 180), {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
-                                                 "type": "qwen_image"}, size=(320, 110))
+                                                 "type": "qwen_image"}, "Load CLIP", (320, 110))
     loaders = _diffusion_loaders("qwen_image_fp8_e4m3fn.safetensors", "qwen_image_vae.safetensors", clip)
     note = _loaders_note("Qwen-Image", ["Load Diffusion Model: qwen_image (fp8)",
                                         "Load CLIP: qwen_2.5_vl_7b, type qwen_image", "Load VAE: qwen_image_vae"])
-    shift = NodeSpec(6, "ModelSamplingAuraFlow", (820, 40), {"shift": 3.1}, size=(320, 60))
+    shift = NodeSpec(6, "ModelSamplingAuraFlow", (820, 40), {"shift": 3.1}, "Sampling shift", (320, 60))
     return _family_workflow("train_on_qwen_image", "qwen_image", "Qwen-Image", loaders, (1, "MODEL"), (4, "CLIP"),
                             (5, "VAE"), note, _sampler(20, 2.5), sampling_model=shift)
 
 
 def train_on_z_image() -> WorkflowSpec:
     clip = NodeSpec(4, "CLIPLoader", (40, 180), {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"},
-                    size=(320, 110))
+                    "Load CLIP", (320, 110))
     loaders = _diffusion_loaders("z_image_turbo_bf16.safetensors", "ae.safetensors", clip)
     note = _loaders_note("Z-Image (or Lumina 2)", ["Load Diffusion Model: z_image_turbo (or z_image base)",
                                                    "Load CLIP: qwen_3_4b, type lumina2", "Load VAE: ae (Flux's)"]) + (
         "\n\nSampling: 8 steps at CFG 1 for Turbo; Z-Image base wants about 30 steps at CFG 4.")
-    shift = NodeSpec(6, "ModelSamplingAuraFlow", (820, 40), {"shift": 3.0}, size=(320, 60))
+    shift = NodeSpec(6, "ModelSamplingAuraFlow", (820, 40), {"shift": 3.0}, "Sampling shift", (320, 60))
     return _family_workflow("train_on_z_image", "z_image", "Z-Image", loaders, (1, "MODEL"), (4, "CLIP"), (5, "VAE"),
                             note, _sampler(8, 1.0), sampling_model=shift)
 
 
 def train_on_sd35() -> WorkflowSpec:
     loaders = [
-        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": "sd3.5_large.safetensors"}, size=(320, 100)),
+        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": "sd3.5_large.safetensors"}, "Load Checkpoint",
+                 (320, 100)),
         NodeSpec(4, "TripleCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors",
                                                     "clip_name2": "clip_g.safetensors",
                                                     "clip_name3": "t5xxl_fp8_e4m3fn.safetensors"},
@@ -344,12 +347,12 @@ def train_on_sd35() -> WorkflowSpec:
 def train_on_wan22() -> WorkflowSpec:
     """Trained on the photo as a one-frame video; sampled as a short video (Wan 2.2 5B, text to video)."""
     clip = NodeSpec(4, "CLIPLoader", (40, 180), {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"},
-                    size=(320, 110))
+                    "Load CLIP", (320, 110))
     loaders = _diffusion_loaders("wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", clip)
     note = _loaders_note("Wan 2.2 5B (TI2V)", ["Load Diffusion Model: wan2.2_ti2v_5B",
                                                "Load CLIP: umt5_xxl, type wan", "Load VAE: wan2.2_vae"]) + (
         "\n\nThe photo trains as a one-frame video; the sample is a 33-frame clip (about 1.4 s at 24 fps).")
-    shift = NodeSpec(6, "ModelSamplingSD3", (820, 40), {"shift": 8.0}, size=(320, 60))
+    shift = NodeSpec(6, "ModelSamplingSD3", (820, 40), {"shift": 8.0}, "Sampling shift", (320, 60))
     # the 5B model's latent: 48 channels at 1/16 size, 33 frames, made by Wan22ImageToVideoLatent (no start image)
     latent = ("Wan22ImageToVideoLatent", {"width": 1280, "height": 704, "length": 33, "batch_size": 1},
               "Empty video latent")

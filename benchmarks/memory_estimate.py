@@ -1,23 +1,33 @@
-"""GPU memory and compute of one T-LoRA training step at 1024 px, counted on the meta device.
+"""GPU memory of one T-LoRA training step for every model family, counted on the meta device.
 
-    python benchmarks/memory_estimate.py          # FLUX.1-dev (fp8 base) and SD-XL (bf16), with and without
-                                                  # gradient checkpointing
+    python benchmarks/memory_estimate.py                  # every model below, and the presets they give
+    python benchmarks/memory_estimate.py --only flux_dev,sdxl
 
-No weights, no GPU: the real-size diffusion model is built by the ComfyUI found at $TLORA_COMFYUI_DIR (or
-.deps/ComfyUI) on the meta device, and one forward + backward is traced. FLOPs come from
-torch.utils.flop_counter; activation memory is the bytes autograd keeps for backward (each storage once),
-measured with saved-tensor hooks, the way the trainer runs: without checkpointing every block's
+No weights, no GPU: each diffusion model is built at full size on the meta device by the ComfyUI found at
+$TLORA_COMFYUI_DIR (or .deps/ComfyUI), configured by the host's own detector from a few key shapes of a
+real checkpoint (the UNets from their published configs), and one forward + backward is traced at the
+family's recipe resolution. Activation memory is the bytes autograd keeps for backward (each storage
+once), measured with saved-tensor hooks the way the trainer runs: without checkpointing every block's
 activations, with it (trainer.train.checkpointed_blocks) the block inputs plus, during backward, the
-largest single block's activations. The T-LoRA is the family's recipe on the family's attention targets
-(tlora_core.families); its parameters, gradients and AdamW states are fp32. Text encoders and the VAE run
-once before training and ComfyUI unloads them when the diffusion model needs the room, so they are left
-out (they are listed). Goals (issue 12): FLUX.1-dev fits in 24 GiB, SD-XL in 12 GiB.
+largest single block's activations. Weights count 2 bytes a value as loaded in bf16 / fp16, 1 as fp8
+(ComfyUI casts one layer at a time to the compute dtype). The T-LoRA is the family's recipe on its
+attention targets (tlora_core.families); its parameters, gradients and AdamW states are fp32.
+Text encoders and the VAE run once before training and ComfyUI unloads them when the diffusion model
+needs the room, so they are left out. A card of N GiB is counted as N - 1 GiB usable (CUDA context,
+allocator slack).
+
+The last table is what the Train node's `memory` presets hold (tlora_core/families.py, MEMORY_PRESETS):
+for each card, the first setting in PREFERENCE that fits; each key there takes the row of the model it is
+sized on (a family's largest, or a config class's own).
+Goals (issue 19): FLUX.1-dev and Flux.2 Klein <= 16 GiB, SD-XL <= 8 GiB, Wan 2.2 5B <= 16 GiB.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,48 +36,140 @@ sys.path.insert(0, str(REPO / "tests"))
 import conftest  # noqa: E402,F401  (ComfyUI on the path, the pack as `tlora_pack`, CPU flags)
 
 GIB = 2 ** 30
-FP8 = getattr(torch, "float8_e4m3fn", None)
+CARDS = (8, 12, 16, 24)
+CARD_OVERHEAD_GIB = 1.0
+# Settings tried on each card, best first: (fp8 base, gradient checkpointing, resolution; 0 = native).
+PREFERENCE = ((False, False, 0), (False, True, 0), (True, True, 0), (True, True, 768), (True, True, 512))
 
 
-def flux_dev_meta():
-    """FLUX.1-dev's diffusion model at full size on the meta device, configured by the host's detector."""
+@dataclass
+class Subject:
+    """One model at full size: how to build it on the meta device and what one training call gets."""
+
+    key: str
+    title: str
+    family: str                 # tlora_core.families name whose recipe and targets apply
+    detect: dict = field(default_factory=dict)   # checkpoint key -> shape, for the host's detector
+    latent: tuple = (4, 8)       # latent channels, pixels per latent cell
+    frames: bool = False         # latents carry a time axis (one frame)
+    context: tuple = (77, 768)   # text tokens, width
+    pooled: int = 0
+    guidance: bool = False
+    unet: Optional[dict] = None  # a UNet's whole config instead (the detector needs every key of one)
+
+
+def _blocks(pattern: str, n: int, shape=(1, 1)) -> dict:
+    return {pattern.format(i): shape for i in range(n)}
+
+
+def _flux(hidden, double, single, context, flux2=False, vec=768, guidance=True) -> dict:
+    keys = {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "txt_in.weight": (hidden, context),
+            "img_in.weight": (hidden, 128 if flux2 else 64)}
+    if flux2:
+        keys["double_stream_modulation_img.lin.weight"] = (1, 1)
+    if vec:
+        keys["vector_in.in_layer.weight"] = (hidden, vec)
+    if guidance:
+        keys["guidance_in.in_layer.weight"] = (hidden, 256)
+    return {**keys, **_blocks("double_blocks.{}.img_attn.qkv.weight", double),
+            **_blocks("single_blocks.{}.linear1.weight", single)}
+
+
+def _sd3(depth, attn2_layers=0, patches=192 * 192) -> dict:
+    width = 64 * depth
+    keys = {"joint_blocks.0.context_block.attn.qkv.weight": (3 * width, width),
+            "x_embedder.proj.weight": (width, 16, 2, 2), "final_layer.linear.weight": (64, width), "y_embedder.mlp.0.weight": (width, 2048),
+            "context_embedder.weight": (width, 4096), "pos_embed": (1, patches, width),
+            "joint_blocks.0.context_block.attn.ln_q.weight": (64,)}
+    keys.update(_blocks("joint_blocks.{}.x_block.attn2.qkv.weight", attn2_layers))
+    return keys
+
+
+def _wan(dim, layers, ffn, in_dim, out_dim) -> dict:
+    return {"head.modulation": (1, 2, dim), "head.head.weight": (out_dim * 4, dim), "blocks.0.ffn.0.weight": (ffn, dim),
+            "patch_embedding.weight": (dim, in_dim, 1, 2, 2), **_blocks("blocks.{}.self_attn.q.weight", layers)}
+
+
+_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
+             legacy=False, use_checkpoint=False, use_temporal_attention=False, use_temporal_resblock=False)
+SD15_UNET = dict(_UNET, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                 use_linear_in_transformer=False, context_dim=768, num_heads=8)
+SD21_UNET = dict(SD15_UNET, use_linear_in_transformer=True, context_dim=1024, num_heads=-1, num_head_channels=64)
+from train_step import SDXL_UNET  # noqa: E402  (benchmarks/ is on sys.path when this file runs)
+
+SUBJECTS = (
+    Subject("sd15", "SD 1.5", "SD1.x", unet=SD15_UNET),
+    Subject("sd21", "SD 2.1 (768-v)", "SD2.x", unet=SD21_UNET, context=(77, 1024)),
+    Subject("sdxl", "SD-XL", "SD-XL", unet=SDXL_UNET, context=(77, 2048), pooled=2816),
+    Subject("flux_dev", "FLUX.1-dev", "Flux", _flux(3072, 19, 38, 4096), (16, 8), context=(512, 4096), pooled=768,
+            guidance=True),
+    Subject("klein_4b", "Flux.2 Klein 4B", "Flux2", _flux(3072, 5, 20, 7680, flux2=True, vec=0, guidance=False),
+            (128, 16), context=(512, 7680)),
+    Subject("klein_9b", "Flux.2 Klein 9B", "Flux2", _flux(4096, 8, 24, 12288, flux2=True, vec=0, guidance=False),
+            (128, 16), context=(512, 12288)),
+    Subject("flux2_dev", "Flux.2 dev (32B)", "Flux2", _flux(6144, 8, 48, 15360, flux2=True, vec=0), (128, 16),
+            context=(512, 15360), guidance=True),
+    Subject("sd35_medium", "SD3.5 Medium", "SD3", _sd3(24, 13, 384 * 384), (16, 8), context=(154, 4096), pooled=2048),
+    Subject("sd35_large", "SD3.5 Large", "SD3", _sd3(38), (16, 8), context=(154, 4096), pooled=2048),
+    Subject("lumina2", "Lumina 2", "Lumina2", {"cap_embedder.1.weight": (2304, 2304),
+                                              **_blocks("layers.{}.attention.qkv.weight", 26),
+                                              "noise_refiner.0.attention.k_norm.weight": (1,)},
+            (16, 8), context=(256, 2304)),
+    Subject("zimage", "Z-Image", "Lumina2", {"cap_embedder.1.weight": (3840, 2560), "cap_pad_token": (1, 3840),
+                                            **_blocks("layers.{}.attention.qkv.weight", 30),
+                                            "noise_refiner.0.attention.k_norm.weight": (1,)},
+            (16, 8), context=(256, 2560)),
+    Subject("qwen_image", "Qwen-Image", "QwenImage", {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
+                                                      **_blocks("transformer_blocks.{}.attn.to_q.weight", 60)},
+            (16, 8), frames=True, context=(256, 3584)),
+    Subject("wan22_5b", "Wan 2.2 5B (TI2V), one frame", "Wan", _wan(3072, 30, 14336, 48, 48), (48, 16), frames=True,
+            context=(512, 4096)),
+    Subject("wan22_14b", "Wan 2.2 14B (T2V, one expert), one frame", "Wan", _wan(5120, 40, 13824, 16, 16), (16, 8),
+            frames=True, context=(512, 4096)),
+)
+
+
+def build(subject: Subject, resolution: int):
+    """(diffusion model on the meta device, bf16, its forward's keyword arguments for one image)."""
     import comfy.model_detection
-    import comfy.ops
-    from comfy.ldm.flux.model import Flux
-
-    keys = {"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (3072, 64),
-            "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
-            "guidance_in.in_layer.weight": (3072, 256)}
-    keys.update({f"double_blocks.{i}.img_attn.qkv.weight": (9216, 3072) for i in range(19)})
-    keys.update({f"single_blocks.{i}.linear1.weight": (21504, 3072) for i in range(38)})
-    config = comfy.model_detection.detect_unet_config({k: torch.empty(s, device="meta") for k, s in keys.items()}, "")
-    config = {k: v for k, v in config.items() if k != "image_model"}
-    with torch.device("meta"):
-        model = Flux(**config, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
-        inputs = dict(x=torch.zeros(1, 16, 128, 128, dtype=torch.bfloat16, requires_grad=True),
-                      timestep=torch.zeros(1), context=torch.zeros(1, 512, 4096, dtype=torch.bfloat16),
-                      y=torch.zeros(1, 768, dtype=torch.bfloat16), guidance=torch.ones(1))
-    return model, inputs, "Flux"
-
-
-def sdxl_meta():
-    """SD-XL's UNet at full size on the meta device."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    from train_step import SDXL_UNET  # benchmarks/ is on sys.path when this file runs
+    bf16 = torch.bfloat16
+    side = resolution // subject.latent[1]
+    shape = (1, subject.latent[0], 1, side, side) if subject.frames else (1, subject.latent[0], side, side)
     with torch.device("meta"):
-        model = UNetModel(**SDXL_UNET, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
-        inputs = dict(x=torch.zeros(1, 4, 128, 128, dtype=torch.bfloat16, requires_grad=True),
-                      timesteps=torch.zeros(1), context=torch.zeros(1, 77, 2048, dtype=torch.bfloat16),
-                      y=torch.zeros(1, 2816, dtype=torch.bfloat16))
-    return model, inputs, "SDXL"
+        if subject.unet is not None:
+            model = UNetModel(**subject.unet, dtype=bf16, operations=comfy.ops.disable_weight_init)
+        else:
+            sd = {k: torch.empty(s) for k, s in subject.detect.items()}
+            config = comfy.model_detection.detect_unet_config(sd, "")
+            if config.get("image_model") == "flux2":  # heads of 128 (0.3.75's detector fixes 48, Flux.2 dev's)
+                config["num_heads"] = config["hidden_size"] // sum(config["axes_dim"])
+            model_config = comfy.model_detection.model_config_from_unet_config(config, sd)
+            model_config.set_inference_dtype(bf16, None)
+            model = model_config.get_model({}, "", device=torch.device("meta")).diffusion_model
+        inputs = dict(x=torch.zeros(shape, dtype=bf16, requires_grad=True), timesteps=torch.zeros(1),
+                      context=torch.zeros(1, *subject.context, dtype=bf16))
+        if subject.pooled:
+            inputs["y"] = torch.zeros(1, subject.pooled, dtype=bf16)
+        if subject.guidance:
+            inputs["guidance"] = torch.ones(1)
+        if subject.family == "Lumina2":
+            inputs["num_tokens"] = subject.context[0]
+    if subject.unet is None and "timesteps" not in _argument_names(model):
+        inputs["timestep"] = inputs.pop("timesteps")
+    return model, inputs
 
 
-def traced_step(model, inputs, checkpointing: bool, copy_saved: bool):
-    """(FLOPs of forward + backward, bytes kept for backward, largest block's own bytes)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _argument_names(model) -> tuple:
+    import inspect
+    return tuple(inspect.signature(model.forward).parameters)
 
+
+def traced_step(model, inputs, checkpointing: bool, copy_saved: bool) -> int:
+    """Bytes kept for backward by one forward (plus the largest block's, recomputed in backward)."""
     from tlora_pack.trainer.train import checkpointed_blocks
 
     model.requires_grad_(False)
@@ -76,14 +178,12 @@ def traced_step(model, inputs, checkpointing: bool, copy_saved: bool):
     def keep(tensor):
         storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         return tensor
-    with FlopCounterMode(display=False) as counter, checkpointed_blocks(model, checkpointing, copy_saved):
+    with checkpointed_blocks(model, checkpointing, copy_saved):
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
             out = model(**inputs)
         kept = sum(storages.values())
         out.float().sum().backward()
-    # what one block keeps while it is recomputed in backward
-    block_bytes = _largest_block(model, inputs) if checkpointing else 0
-    return counter.get_total_flops(), kept, block_bytes
+    return kept + (_largest_block(model, inputs) if checkpointing else 0)
 
 
 def _largest_block(model, inputs) -> int:
@@ -100,7 +200,7 @@ def _largest_block(model, inputs) -> int:
         return tensor
     handles = []
     for unit in checkpoint_units(model):
-        handles.append(unit.register_forward_pre_hook(lambda m, a, k=None, u=id(unit): current.__setitem__(0, u)))
+        handles.append(unit.register_forward_pre_hook(lambda m, a, u=id(unit): current.__setitem__(0, u)))
         handles.append(unit.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         model(**inputs)
@@ -109,49 +209,103 @@ def _largest_block(model, inputs) -> int:
     return max((sum(v.values()) for v in per_unit.values()), default=0)
 
 
-def adapter_bytes(model, family_name: str) -> tuple[int, int]:
-    """(adapters, trainable values) of the family's recipe on its attention targets; bytes of fp32
-    parameters, gradients and two AdamW states, plus frozen copies for the orthogonal variants."""
+# fp32 tensors per trained value besides the value itself and its gradient: AdamW's two moments; Prodigy's
+# two moments, its running sum s and its starting point p0
+OPTIMIZER_STATES = {"adamw": 2, "prodigy": 4}
+
+
+def adapter_bytes(model, family_name: str) -> tuple[int, int, str]:
+    """(adapters, bytes of fp32 parameters + gradients + the recipe's optimiser states, and frozen copies for
+    the orthogonal variants, note) of the family's recipe on its attention targets."""
     from tlora_pack.tlora_core.config import VARIANTS
-    from tlora_pack.tlora_core.families import family_named, find_sites
+    from tlora_pack.tlora_core.families import family_named
 
     family = family_named(family_name)
     recipe = family.recipe
-    sites = find_sites(model, family.rules("attention"))
+    sites = family.sites(model, "attention")
     values = sum(recipe.rank * (s.in_features + s.out_features + 1) for s in sites.values())
     ortho = VARIANTS[recipe.variant][0]
-    return len(sites), values * 4 * (4 + (1 if ortho else 0))
+    per_value = 2 + OPTIMIZER_STATES[recipe.optimizer] + (1 if ortho else 0)
+    return len(sites), values * 4 * per_value, f" ({recipe.optimizer})"
 
 
-def report(name: str, build, weight_bytes_per_param: float, weight_label: str, goal_gib: float,
-           family_name: str, copy_saved: bool) -> list[str]:
-    model, inputs, _ = build()
-    params = sum(p.numel() for p in model.parameters())
-    n_adapters, adapters = adapter_bytes(model, family_name)
-    weights = params * weight_bytes_per_param
-    lines = [f"{name}: {params / 1e9:.2f} B parameters ({weight_label}: {weights / GIB:.1f} GiB), "
-             f"{n_adapters} adapters of the {family_name} recipe ({adapters / GIB:.2f} GiB with grads and AdamW)"]
-    for checkpointing in (False, True):
-        flops, kept, block = traced_step(model, inputs, checkpointing, copy_saved)
-        total = weights + adapters + kept + block
-        verdict = "fits" if total / GIB <= goal_gib else "does NOT fit"
-        lines.append(f"  gradient checkpointing {'on ' if checkpointing else 'off'}: {flops / 1e12:.1f} TFLOP/step; "
-                     f"kept for backward {kept / GIB:.1f} GiB" + (f" + largest block recomputed {block / GIB:.1f} GiB"
-                                                                  if checkpointing else "")
-                     + f"; total {total / GIB:.1f} GiB -> {verdict} in {goal_gib:g} GiB")
-    return lines
+def native_resolution(family_name: str) -> int:
+    from tlora_pack.tlora_core.families import family_named
+    family = family_named(family_name)
+    return family.recipe.resolution if family is not None else 1024
+
+
+def measure(subject: Subject) -> dict:
+    """{(fp8, checkpointing, resolution): GiB} for every setting of PREFERENCE and both bases without
+    checkpointing, with the model's size; printed as it goes."""
+    native = native_resolution(subject.family)
+    copy_saved = subject.family in ("Flux", "Flux2")  # ComfyUI's Flux blocks add in place (inplace_residuals)
+    traces: dict = {}
+    result: dict = {}
+    for fp8, checkpointing, px in PREFERENCE + ((True, False, 0),):
+        px = px or native
+        if px > native:
+            continue
+        if (checkpointing, px) not in traces:
+            model, inputs = build(subject, px)
+            traces[(checkpointing, px)] = traced_step(model, inputs, checkpointing, copy_saved)
+        params = sum(p.numel() for p in model.parameters())
+        n_adapters, adapters, note = adapter_bytes(model, subject.family)
+        result[(fp8, checkpointing, px)] = (params * (1 if fp8 else 2) + adapters + traces[(checkpointing, px)]) / GIB
+    result["info"] = f"{params / 1e9:.2f} B parameters, {n_adapters} adapters ({adapters / GIB:.2f} GiB){note}"
+    result["native"] = native
+    return result
+
+
+def fits(gib: float, card: int) -> bool:
+    return gib <= card - CARD_OVERHEAD_GIB
+
+
+def preset_for(result: dict, card: int):
+    """The first setting of PREFERENCE that fits on the card, as (fp8, checkpointing, px), or None."""
+    native = result["native"]
+    for fp8, checkpointing, px in PREFERENCE:
+        key = (fp8, checkpointing, px or native)
+        if key in result and fits(result[key], card):
+            return key
+    return None
+
+
+def describe(setting, native: int) -> str:
+    if setting is None:
+        return "does not fit"
+    fp8, checkpointing, px = setting
+    parts = (["fp8 base"] if fp8 else []) + (["checkpointing"] if checkpointing else [])
+    parts += [f"{px} px"] if px != native else []
+    return ", ".join(parts) or "as loaded"
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="",
+                        help="comma-separated subject keys: " + ", ".join(s.key for s in SUBJECTS))
+    cli = parser.parse_args()
     from support import comfy_env
     print(f"torch {torch.__version__}; ComfyUI at {comfy_env.comfyui_dir()}")
-    lines = report("FLUX.1-dev, 1024 px, batch 1", flux_dev_meta, 1.0, "fp8 base", 24, "Flux", True)
-    lines += report("SD-XL, 1024 px, batch 1", sdxl_meta, 2.0, "bf16 base", 12, "SD-XL", False)
-    lines.append("Left out: text encoders and VAE (run once; T5-XXL fp8 4.6 GiB, CLIP-L 0.2 GiB, OpenCLIP-bigG "
-                 "1.3 GiB, VAEs 0.2 GiB), the CUDA context (~0.5-1 GiB), allocator slack and ComfyUI's per-layer "
-                 "weight casts (one layer at a time).")
-    print("\n".join(lines))
+    chosen = [s for s in SUBJECTS if not cli.only or s.key in cli.only.split(",")]
+    rows, presets = [], []
+    for subject in chosen:
+        r = measure(subject)
+        n = r["native"]
+        print(f"{subject.title} [{subject.family}], {n} px: {r['info']}")
+        rows.append(f"| {subject.title} | {n} | {r[(False, False, n)]:.1f} | {r[(True, False, n)]:.1f} | "
+                    f"{r[(False, True, n)]:.1f} | {r[(True, True, n)]:.1f} | "
+                    + " | ".join(f"{r[k]:.1f}" if (k := (True, True, px)) in r else "-" for px in (768, 512)) + " |")
+        presets.append(f"| {subject.title} | " + " | ".join(describe(preset_for(r, c), n) for c in CARDS) + " |")
+    print("\nPeak GiB of one training step (bf16 / fp8 base; checkpointing off / on; then fp8 + checkpointing "
+          "at 768 and 512 px)")
+    print("| model | px | bf16 | fp8 | bf16 + ckpt | fp8 + ckpt | fp8 + ckpt 768 px | fp8 + ckpt 512 px |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\nWhat fits on your card ({CARD_OVERHEAD_GIB:g} GiB of each card left for the CUDA context and slack)")
+    print("| model | " + " | ".join(f"{c} GB" for c in CARDS) + " |")
+    print("|---|" + "---|" * len(CARDS))
+    print("\n".join(presets))
 
 
 if __name__ == "__main__":

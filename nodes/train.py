@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import comfy.model_management as mm
 import folder_paths
 import latent_preview
 from comfy.utils import ProgressBar
@@ -13,10 +14,11 @@ from comfy_api.latest import io, ui
 from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..trainer.plot import loss_curve_image
+from ..trainer.memory import MEMORY_CHOICES, OFF, plan_memory
 from ..trainer.preview import PreviewSettings
 from ..trainer.runtime import apply_tlora
 from ..trainer.settings import TRAINING_DTYPES, TrainSettings
-from ..trainer.train import model_family, train_tlora
+from ..trainer.train import config_class_names, model_family, train_tlora
 from ..tlora_core.families import AUTO, OPTIMIZERS, TARGET_SETS
 from ..tlora_core.config import ORTHO_INITS, VARIANTS
 from .common import CATEGORY, TLoraType, user_errors
@@ -155,6 +157,11 @@ class TLoraTrainFromImage(io.ComfyNode):
                                tooltip="auto: the family's recipe. adamw: the paper's (SD 1.x / 2.x / SD-XL). "
                                        "prodigy: the reference FLUX code's (Flux and the other flow transformers), "
                                        "with gradients clipped to norm 1.0; needs the prodigyopt package."),
+                io.Combo.Input("memory", options=list(MEMORY_CHOICES), default=OFF, optional=True,
+                               tooltip="Fit training on your card: a preset turns on gradient checkpointing and "
+                                       "caps the resolution as the family needs at that size (README: 'what fits "
+                                       "on your card'); the log says when it assumes an fp8 base. auto: picked "
+                                       "by the GPU's free memory (on a CPU: no change). off: the settings above."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the trained T-LoRA applied."),
                      TLoraType.Output(display_name="TLORA"),
@@ -173,14 +180,16 @@ class TLoraTrainFromImage(io.ComfyNode):
                 weight_decay=1e-4, exponent=1.0, resolution=0, targets="attention",
                 gradient_checkpointing=False, training_dtype="auto", save_every=100,
                 storage="fp16", conditioning=None, preview_every=0, preview_prompt="{prompt} on the beach",
-                preview_steps=0, preview_cfg=0.0, optimizer=AUTO) -> io.NodeOutput:
+                preview_steps=0, preview_cfg=0.0, optimizer=AUTO, memory=OFF) -> io.NodeOutput:
         family = model_family(model.model)
+        fit = plan_memory(memory, family, gradient_checkpointing, resolution, model.model.get_dtype(),
+                          mm.get_torch_device(), config_classes=config_class_names(model.model))
         recipe = family.recipe.resolve(variant, rank, min_rank, steps)
         settings = TrainSettings(
             **recipe, exponent=exponent, init=init,
             optimizer=optimizer, learning_rate=learning_rate, weight_decay=weight_decay, seed=seed,
-            resolution=resolution,
-            targets=targets, gradient_checkpointing=gradient_checkpointing, training_dtype=training_dtype,
+            resolution=fit.resolution, targets=targets, gradient_checkpointing=fit.gradient_checkpointing,
+            training_dtype=training_dtype,
             save_every=save_every, storage=storage, trigger=trigger, class_word=class_word,
             prompt=fill_prompt(prompt_template, trigger, class_word))
         look = family.recipe.preview

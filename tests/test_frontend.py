@@ -31,7 +31,12 @@ ARTIFACTS = REPO_ROOT / "artifacts" / "frontend"
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 # Combos whose choices are the user's files, and the server folder each lists.
 FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"): "models/checkpoints", ("LoadImage", "image"): "input",
-                ("TLoraLoad", "tlora_name"): "models/loras", ("CLIPVisionLoader", "clip_name"): "models/clip_vision"}
+                ("TLoraLoad", "tlora_name"): "models/loras", ("CLIPVisionLoader", "clip_name"): "models/clip_vision",
+                ("UNETLoader", "unet_name"): "models/diffusion_models",
+                ("VAELoader", "vae_name"): "models/vae", ("CLIPLoader", "clip_name"): "models/text_encoders",
+                ("DualCLIPLoader", "clip_name1"): "models/text_encoders",
+                ("DualCLIPLoader", "clip_name2"): "models/text_encoders",
+                **{("TripleCLIPLoader", f"clip_name{i}"): "models/text_encoders" for i in (1, 2, 3)}}
 # Messages the front end logs about a workflow it could not take as it is.
 BAD_WARNING = re.compile(r"zod|invalid|missing|not found|widget|unknown|failed", re.IGNORECASE)
 # Not about this pack: ComfyUI's own templates (the comfyui-workflow-templates package) are not installed
@@ -41,10 +46,12 @@ NOT_OURS = re.compile(r"^Error loading core workflow templates")
 
 def _users_files(server, checkpoint: Path, image: Path, tlora: Path):
     """Put the files the committed workflows name on the server, under those names: the tiny model as
-    the checkpoint, the sample photo (copied into input/), a T-LoRA of the tiny model. A user has them;
-    the current front end (1.49) marks a node whose file the server does not list."""
-    # a CLIP Vision file is only listed by name here, never loaded: any file stands for it
+    the checkpoint, the sample photo (copied into input/), a T-LoRA of the tiny model; the family
+    workflows' diffusion models, text encoders and VAEs and the sweep's CLIP Vision file are only listed,
+    never loaded, so the tiny checkpoint stands in under their names. A user has them; the current front
+    end (1.49) marks a node whose file the server does not list."""
     content = {"models/checkpoints": checkpoint, "input": image, "models/loras": tlora,
+               "models/diffusion_models": checkpoint, "models/vae": checkpoint, "models/text_encoders": checkpoint,
                "models/clip_vision": checkpoint}
     for name in NAMES:
         for node in json.loads((API_DIR / f"{name}.api.json").read_text("utf-8")).values():

@@ -18,17 +18,24 @@ from PIL import Image
 from safetensors import safe_open
 
 from support.comfy_server import PACK_DIR_NAME
-from support.workflow_format import (VIRTUAL_NODES, find_node, find_nodes, input_specs, ui_to_api,
+from support.workflow_format import (VIRTUAL_NODES, display_title, find_node, find_nodes, input_specs, ui_to_api,
                                      widget_values_by_name)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 API_DIR = WORKFLOWS_DIR / "api"
-EXPECTED = ("train_and_sample", "load_and_sample", "lora_vs_tlora", "convert_to_lora", "pick_best_checkpoint")
+SD_WORKFLOWS = ("train_and_sample", "load_and_sample", "lora_vs_tlora", "convert_to_lora", "pick_best_checkpoint")
+# One per family group, with the model's own loaders. Their API twins run in test_family_workflows.py, on
+# tiny models where the loaders read tiny files (and with a tiny CLIP-L for their text encoders, which
+# ComfyUI builds at full size whatever the file holds); that file says which cannot run and why.
+FAMILY_WORKFLOWS = ("train_on_flux", "train_on_qwen_image", "train_on_z_image", "train_on_sd35", "train_on_wan22")
+EXPECTED = SD_WORKFLOWS + FAMILY_WORKFLOWS
 NAMES = sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
 # Combos whose choices are the user's files: the committed names need not exist on the test server.
 FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("TLoraLoad", "tlora_name"),
-                ("CLIPVisionLoader", "clip_name")}
+                ("CLIPVisionLoader", "clip_name"), ("UNETLoader", "unet_name"), ("VAELoader", "vae_name"),
+                ("CLIPLoader", "clip_name"), ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"),
+                *(("TripleCLIPLoader", f"clip_name{i}") for i in (1, 2, 3))}
 TINY = {"steps": 3, "rank": 4, "min_rank": 2, "resolution": 64, "learning_rate": 1e-3}
 SIZE = 64
 ARTIFACTS = REPO_ROOT / "artifacts" / "workflows"
@@ -91,7 +98,7 @@ def test_ui_and_api_twins_agree(name, object_info):
                 assert str(dst) == node_id and node["inputs"][dst_slot]["name"] == slot["name"]
                 ui_wired[slot["name"]] = [str(src), src_slot]
         assert ui_wired == wired, f"{name} node {node_id} ({node['type']}): UI links != API links"
-        assert (node.get("title") or object_info[node["type"]]["display_name"]) == api[node_id]["_meta"]["title"]
+        assert display_title(node, object_info) == api[node_id]["_meta"]["title"]
     assert ui_to_api(ui, object_info) == api
 
 
@@ -134,14 +141,22 @@ def test_every_input_is_given_and_valid(name, object_info):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_settings_are_the_papers(name, object_info):
+    """The SD workflows hold the paper's recipe and sampler; the family ones leave the recipe to the
+    family table ("auto" / 0) and fit memory to the card ("auto")."""
     ui, api = load_ui(name), load_api(name)
     for node_id in find_nodes(api, "TLoraTrainFromImage"):
         inputs = api[node_id]["inputs"]
-        assert (inputs["rank"], inputs["min_rank"], inputs["steps"]) == (64, 32, 800), (name, node_id)
-        assert inputs["learning_rate"] == pytest.approx(1e-4) and inputs["weight_decay"] == pytest.approx(1e-4)
+        if name in FAMILY_WORKFLOWS:
+            assert (inputs["variant"], inputs["rank"], inputs["min_rank"], inputs["steps"]) == ("auto", 0, 0, 0), name
+            assert inputs["memory"] == "auto" and inputs["learning_rate"] == 0, name  # the recipe's optimiser
+        else:
+            assert (inputs["rank"], inputs["min_rank"], inputs["steps"]) == (64, 32, 800), (name, node_id)
+            assert inputs["learning_rate"] == pytest.approx(1e-4)
+        assert inputs["weight_decay"] == pytest.approx(1e-4)
     for node_id in find_nodes(api, "KSampler"):
         inputs = api[node_id]["inputs"]
-        assert (inputs["steps"], inputs["cfg"], inputs["sampler_name"]) == (25, 5.0, "euler"), (name, node_id)
+        if name not in FAMILY_WORKFLOWS:
+            assert (inputs["steps"], inputs["cfg"], inputs["sampler_name"]) == (25, 5.0, "euler"), (name, node_id)
     # Seeds stay fixed: "randomize" would train again (800 steps) on every queue.
     for node in ui["nodes"]:
         for key, value in widget_values_by_name(node, object_info).items():
@@ -149,6 +164,19 @@ def test_committed_settings_are_the_papers(name, object_info):
                 assert value == "fixed", f"{name} node {node['id']} ({node['type']}) {key} = {value!r}"
     notes = [n for n in ui["nodes"] if n["type"] in VIRTUAL_NODES]
     assert notes and all(n["widgets_values"][0].strip() for n in notes), f"{name}: no explanatory note"
+
+
+def test_family_workflows_load_the_model_with_its_own_loaders():
+    """No family workflow starts from an SD checkpoint loader but SD3.5's (its checkpoint holds MODEL and
+    VAE); every one loads the diffusion model's text encoders with a CLIP loader of their own."""
+    for name in FAMILY_WORKFLOWS:
+        types = {n["class_type"] for n in load_api(name).values()}
+        assert ("CheckpointLoaderSimple" in types) == (name == "train_on_sd35"), name
+        assert types & {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader"}, name
+    assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance"} <= {
+        n["class_type"] for n in load_api("train_on_flux").values()}
+    assert {"SaveAnimatedWEBP", "Wan22ImageToVideoLatent"} <= {
+        n["class_type"] for n in load_api("train_on_wan22").values()}
 
 
 def test_templates_menu_lists_exactly_the_ui_workflows(comfy_server):

@@ -424,3 +424,73 @@ def generic_family(config_class: str, flow: bool) -> Family:
     flow model or the paper's SD-XL recipe for a noise-prediction one."""
     return Family(config_class, (config_class,), None, FLOW_DIT if flow else NOISE_DIT,
                   "not in the table: layers from the generic rule")
+
+
+# ---- memory presets (the Train node's `memory` input) -----------------------------------------------
+
+MEMORY_CARDS = (8, 12, 16, 24)  # GiB of the cards the presets are for
+
+
+@dataclass(frozen=True)
+class MemoryPreset:
+    """What makes one training step of a family fit on a card: gradient checkpointing, a base loaded in
+    fp8 (the Train node cannot change the model it receives, so it says in the log when the model is
+    wider), and the largest training size in px (0: the recipe's). `fits` is False where even this is
+    over the card by the estimate; ComfyUI then offloads weights and training runs slower."""
+
+    gradient_checkpointing: bool = False
+    fp8_base: bool = False
+    max_resolution: int = 0
+    fits: bool = True
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """A family's presets per card, and the GiB of one step without any (bf16 base, no checkpointing, the
+    recipe's size): 'auto' changes nothing where that much is free."""
+
+    as_loaded_gib: float
+    cards: dict  # card GiB (MEMORY_CARDS) -> MemoryPreset
+
+
+AS_LOADED = MemoryPreset()
+CHECKPOINTING = MemoryPreset(gradient_checkpointing=True)
+FP8_CHECKPOINTING = MemoryPreset(gradient_checkpointing=True, fp8_base=True)
+
+
+def _fp8_at(px: int, fits: bool = True) -> MemoryPreset:
+    return MemoryPreset(True, True, px, fits)
+
+
+def _table(as_loaded_gib: float, *presets: MemoryPreset) -> MemoryTable:
+    return MemoryTable(as_loaded_gib, dict(zip(MEMORY_CARDS, presets)))
+
+
+# Filled from `benchmarks/memory_estimate.py` (one step on the meta device at the recipe's size; a card of
+# N GiB holds N - 1). Keyed by family name, sized on the family's largest model (SD 1.5, SD 2.1, SD-XL,
+# FLUX.1-dev, SD3.5 Large, Lumina 2, Qwen-Image), or by a config class whose models differ in size from
+# the rest of their family (Z-Image; Flux.2 sized on Klein 9B; Wan 2.2 5B apart from the 14B models).
+_NO_FIT = _fp8_at(512, fits=False)
+MEMORY_PRESETS: dict[str, MemoryTable] = {
+    # key: _table(GiB as loaded, 8 GB, 12 GB, 16 GB, 24 GB)
+    "SD1.x": _table(5.4, AS_LOADED, AS_LOADED, AS_LOADED, AS_LOADED),
+    "SD2.x": _table(9.3, CHECKPOINTING, AS_LOADED, AS_LOADED, AS_LOADED),
+    "SD-XL": _table(20.7, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),
+    "Flux": _table(111.6, _NO_FIT, _NO_FIT, _fp8_at(768), FP8_CHECKPOINTING),
+    "Flux2": _table(93.9, _NO_FIT, _fp8_at(512), FP8_CHECKPOINTING, CHECKPOINTING),
+    "SD3": _table(83.7, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
+    "Lumina2": _table(46.1, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    "ZImage": _table(79.0, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
+    "QwenImage": _table(134.8, _NO_FIT, _NO_FIT, _NO_FIT, _fp8_at(768)),
+    "WAN21_T2V": _table(130.1, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),
+    "WAN22_T2V": _table(23.3, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+}
+
+
+def memory_table(family_name: str, config_classes: tuple[str, ...] = ()) -> Optional[MemoryTable]:
+    """The memory presets of a model: those of its config class (most specific first) where the table has
+    one, else its family's (a Family.name); None where the table has neither yet."""
+    for key in (*config_classes, family_name):
+        if key in MEMORY_PRESETS:
+            return MEMORY_PRESETS[key]
+    return None

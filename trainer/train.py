@@ -44,10 +44,15 @@ class TrainResult:
     first_step: int = 1  # the step number of losses[0] (above 1 when the run resumed another)
 
 
+def config_class_names(base_model) -> tuple[str, ...]:
+    """The names of a ComfyUI BaseModel's config class and its bases, most specific first."""
+    return tuple(cls.__name__ for cls in type(base_model.model_config).__mro__)
+
+
 def model_family(base_model) -> Family:
     """The family table entry of a ComfyUI BaseModel, from its config class and that class's bases; a class
     the table does not list gets the generic rule (tlora_core.families.generic_family)."""
-    names = [cls.__name__ for cls in type(base_model.model_config).__mro__]
+    names = config_class_names(base_model)
     family = family_for(names)
     if family is None:
         flow = isinstance(base_model.model_sampling, comfy.model_sampling.CONST)
@@ -292,14 +297,20 @@ def inference_weight_copies() -> pe.PatcherInjection:
 
     ComfyUI runs nodes in inference mode, so a model loaded there holds inference tensors, which
     autograd may not save for backward. For every ComfyUI op whose weight or bias is one, a no-op
-    weight/bias function is added: the op then hands forward a fresh (ordinary) copy. An injection,
+    weight/bias function is added: the op then hands forward a fresh (ordinary) copy. Parameters of
+    modules that are not ComfyUI ops (the RMSNorm scales of SD3's and Flux's q/k norms on some hosts)
+    are swapped for ordinary copies while the model is loaded, and put back on eject. An injection,
     because ModelPatcher.load resets these lists and re-applies injections afterwards.
     """
-    added = []
+    added, swapped = [], []
 
     def inject(patcher):
         for m in patcher.model.modules():
             if not hasattr(m, "comfy_cast_weights"):
+                for name, p in list(m.named_parameters(recurse=False)):
+                    if p.is_inference():
+                        setattr(m, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+                        swapped.append((m, name, p))
                 continue
             for attr, fn_list in (("weight", "weight_function"), ("bias", "bias_function")):
                 t = getattr(m, attr, None)
@@ -310,7 +321,10 @@ def inference_weight_copies() -> pe.PatcherInjection:
     def eject(patcher):
         for m, fn_list in added:
             setattr(m, fn_list, [f for f in getattr(m, fn_list) if f is not _fresh_copy])
+        for m, name, p in swapped:
+            setattr(m, name, p)
         added.clear()
+        swapped.clear()
 
     return pe.PatcherInjection(inject=inject, eject=eject)
 

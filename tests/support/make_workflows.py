@@ -90,7 +90,7 @@ def train_and_sample() -> WorkflowSpec:
         NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
         NodeSpec(2, "LoadImage", (40, 190), {"image": IMAGE}, "Subject photo", (320, 360)),
         NodeSpec(3, "TLoraTrainFromImage", (400, 40), dict(PAPER, filename_prefix=TLORA_PREFIX, preview_every=100),
-                 size=(340, 640)),
+                 size=(340, 670)),
         NodeSpec(10, "PreviewImage", (400, 730), title="Loss curve", size=(340, 300)),
         NodeSpec(14, "PreviewImage", (780, 730), title="Previews while training", size=(400, 300)),
         NodeSpec(11, "PreviewAny", (780, 590), title="Saved T-LoRA file", size=(400, 110)),
@@ -228,7 +228,180 @@ def pick_best_checkpoint() -> WorkflowSpec:
     return WorkflowSpec("pick_best_checkpoint", nodes, links)
 
 
-ALL = (train_and_sample, load_and_sample, lora_vs_tlora, convert_to_lora, pick_best_checkpoint)
+# ---- one workflow per family group: the model's own loaders, the family's recipe ("auto" / 0) -----------
+
+FAMILY_KNOBS = """\
+Train T-LoRA on {title}: the family's recipe
+- variant auto, rank 0, min_rank 0, steps 0 = the family's recipe (DiTs: Vanilla T-LoRA, rank 32,
+  r_min 1, 1000 steps at 1024 px, as the reference FLUX code; README 'Model families').
+- memory auto: fits training on your GPU's free memory (gradient checkpointing, resolution; the log says
+  when it assumes an fp8 base: then pick weight_dtype fp8_e4m3fn in Load Diffusion Model). Or choose your
+  card (8 / 12 / 16 / 24 GB; README 'What fits on your card'); off = the settings as they are.
+- The Train node encodes 'a photo of sks dog' with the CLIP connected to it.
+- preview_every 100: an image with the T-LoRA as it is, on the node and in 'previews'."""
+
+
+def _family_training(x, y, model_link, clip_link, vae_link, key, title, note):
+    """Subject photo, Train node (recipe, memory auto), loss curve, file, previews: nodes 2, 3, 10-14."""
+    nodes = [
+        NodeSpec(2, "LoadImage", (x, y), {"image": IMAGE}, "Subject photo", (320, 360)),
+        NodeSpec(3, "TLoraTrainFromImage", (x + 360, y - 150),
+                 dict(PAPER, variant="auto", rank=0, min_rank=0, steps=0, learning_rate=0.0,  # the recipe's optimiser
+                      filename_prefix=f"tlora/{key}_sks_dog", preview_every=100, memory="auto"), size=(340, 700)),
+        NodeSpec(10, "PreviewImage", (x + 360, y + 590), title="Loss curve", size=(340, 300)),
+        NodeSpec(11, "PreviewAny", (x + 740, y + 450), title="Saved T-LoRA file", size=(400, 110)),
+        NodeSpec(14, "PreviewImage", (x + 740, y + 590), title="Previews while training", size=(400, 300)),
+        _note(12, (x + 1190, y + 450), (700, 250), FAMILY_KNOBS.format(title=title)),
+        _note(13, (x, y + 400), (320, 500), note),
+    ]
+    links = [(*model_link, 3, "model"), (*clip_link, 3, "clip"), (*vae_link, 3, "vae"), (2, "IMAGE", 3, "image"),
+             (3, "loss_curve", 10, "images"), (3, "file", 11, "source"), (3, "previews", 14, "images")]
+    return nodes, links
+
+
+def _family_sampling(x, y, model_link, clip_link, vae_link, sampler, latent, save_prefix, guidance=None,
+                     positive=POSITIVE, video_fps=None):
+    """Prompts (FluxGuidance on the positive one when `guidance`), latent (type, widgets, title; one that
+    takes a VAE gets it), KSampler, decode, then SaveImage, or an animated WebP at `video_fps` (SaveAnimatedWEBP:
+    the same widgets on both hosts, where CreateVideo gained one in 0.33): nodes 20-26."""
+    latent_type, latent_widgets, latent_title = latent
+    nodes = [
+        NodeSpec(20, "CLIPTextEncode", (x, y), {"text": positive}, "Positive prompt", (400, 160), **GREEN),
+        NodeSpec(21, "CLIPTextEncode", (x, y + 210), {"text": NEGATIVE}, "Negative prompt", (400, 160), **RED),
+        NodeSpec(22, latent_type, (x, y + 420), latent_widgets, latent_title, (400, 170)),
+        NodeSpec(23, "KSampler", (x + 450, y), dict(sampler), size=(320, 270)),
+        NodeSpec(24, "VAEDecode", (x + 450, y + 320), size=(320, 50)),
+    ]
+    links = [(*clip_link, 20, "clip"), (*clip_link, 21, "clip"), (*model_link, 23, "model"),
+             (21, "CONDITIONING", 23, "negative"), (22, "LATENT", 23, "latent_image"),
+             (23, "LATENT", 24, "samples"), (*vae_link, 24, "vae")]
+    if latent_type == "Wan22ImageToVideoLatent":
+        links.append((*vae_link, 22, "vae"))
+    if guidance is None:
+        links.append((20, "CONDITIONING", 23, "positive"))
+    else:
+        nodes.append(NodeSpec(26, "FluxGuidance", (x + 450, y + 420), {"guidance": guidance}, "Flux guidance",
+                              (320, 60)))
+        links += [(20, "CONDITIONING", 26, "conditioning"), (26, "CONDITIONING", 23, "positive")]
+    if video_fps is None:
+        nodes.append(NodeSpec(25, "SaveImage", (x + 820, y), {"filename_prefix": save_prefix}, "Save samples",
+                              (420, 460)))
+        links.append((24, "IMAGE", 25, "images"))
+    else:
+        nodes.append(NodeSpec(25, "SaveAnimatedWEBP", (x + 820, y), {"filename_prefix": save_prefix, "fps": video_fps,
+                                                                      "lossless": False, "quality": 90},
+                              "Save video (animated WebP)", (420, 520)))
+        links.append((24, "IMAGE", 25, "images"))
+    return nodes, links
+
+
+def _sampler(steps, cfg, sampler="euler", scheduler="simple"):
+    return dict(SAMPLER, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler)
+
+
+def _diffusion_loaders(unet, vae, clip_node):
+    """Load Diffusion Model (1), Load VAE (5) and the family's text-encoder loader (4)."""
+    return [NodeSpec(1, "UNETLoader", (40, 40), {"unet_name": unet, "weight_dtype": "default"},
+                     "Load Diffusion Model", (320, 110)),
+            clip_node,
+            NodeSpec(5, "VAELoader", (40, 330), {"vae_name": vae}, "Load VAE", (320, 60))]
+
+
+def _family_workflow(name, key, title, loaders, model_link, clip_link, vae_link, note, sampler,
+                     latent=("EmptySD3LatentImage", LATENT, "Empty latent"), sampling_model=None,
+                     **sampling) -> WorkflowSpec:
+    """Loaders, training, sampling with the trained model (through `sampling_model`, a ModelSampling
+    node on the Train node's MODEL, when the family's sampling wants one)."""
+    nodes, links = list(loaders), []
+    train, train_links = _family_training(40, 460, model_link, clip_link, vae_link, key, title, note)
+    trained = (3, "MODEL")
+    if sampling_model is not None:
+        nodes.append(sampling_model)
+        links.append((3, "MODEL", sampling_model.id, "model"))
+        trained = (sampling_model.id, "MODEL")
+    sampling, sampling_links = _family_sampling(1190, 40, trained, clip_link, vae_link, sampler, latent,
+                                                f"tlora/{key}_sample", **sampling)
+    return WorkflowSpec(name, nodes + train + sampling, train_links + links + sampling_links)
+
+
+def _loaders_note(title, files):
+    return (f"Train a T-LoRA on {title} from one photo, then sample with it.\n\n1. Pick your files:\n"
+            + "\n".join(f"   - {f}" for f in files)
+            + "\n2. Load ONE photo of the subject.\n3. Queue: training shows 'step / loss' and a preview every "
+              "100 steps; the file goes to models/loras/tlora/.\n4. Change the prompt and queue again: only "
+              "sampling runs.")
+
+
+def train_on_flux() -> WorkflowSpec:
+    clip = NodeSpec(4, "DualCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors",
+                                                     "clip_name2": "t5xxl_fp8_e4m3fn.safetensors", "type": "flux"},
+                    "Load CLIP-L + T5-XXL", (320, 130))
+    loaders = _diffusion_loaders("flux1-dev.safetensors", "ae.safetensors", clip)
+    note = _loaders_note("FLUX.1-dev (or schnell, Chroma)", [
+        "Load Diffusion Model: flux1-dev (weight_dtype fp8_e4m3fn on cards under 24 GB)",
+        "DualCLIPLoader: clip_l + t5xxl, type flux", "Load VAE: ae (Flux's)"]) + (
+        "\n\nSampling: CFG 1 with FluxGuidance 3.5 (training uses guidance 1, as the reference FLUX code).")
+    return _family_workflow("train_on_flux", "flux", "Flux", loaders, (1, "MODEL"), (4, "CLIP"), (5, "VAE"), note,
+                            _sampler(20, 1.0), guidance=3.5)
+
+
+def train_on_qwen_image() -> WorkflowSpec:
+    clip = NodeSpec(4, "CLIPLoader", (40, 180), {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                                 "type": "qwen_image"}, "Load CLIP", (320, 110))
+    loaders = _diffusion_loaders("qwen_image_fp8_e4m3fn.safetensors", "qwen_image_vae.safetensors", clip)
+    note = _loaders_note("Qwen-Image", ["Load Diffusion Model: qwen_image (fp8)",
+                                        "Load CLIP: qwen_2.5_vl_7b, type qwen_image", "Load VAE: qwen_image_vae"])
+    shift = NodeSpec(6, "ModelSamplingAuraFlow", (820, 40), {"shift": 3.1}, "Sampling shift", (320, 60))
+    return _family_workflow("train_on_qwen_image", "qwen_image", "Qwen-Image", loaders, (1, "MODEL"), (4, "CLIP"),
+                            (5, "VAE"), note, _sampler(20, 2.5), sampling_model=shift)
+
+
+def train_on_z_image() -> WorkflowSpec:
+    clip = NodeSpec(4, "CLIPLoader", (40, 180), {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"},
+                    "Load CLIP", (320, 110))
+    loaders = _diffusion_loaders("z_image_turbo_bf16.safetensors", "ae.safetensors", clip)
+    note = _loaders_note("Z-Image (or Lumina 2)", ["Load Diffusion Model: z_image_turbo (or z_image base)",
+                                                   "Load CLIP: qwen_3_4b, type lumina2", "Load VAE: ae (Flux's)"]) + (
+        "\n\nSampling: 8 steps at CFG 1 for Turbo; Z-Image base wants about 30 steps at CFG 4.")
+    shift = NodeSpec(6, "ModelSamplingAuraFlow", (820, 40), {"shift": 3.0}, "Sampling shift", (320, 60))
+    return _family_workflow("train_on_z_image", "z_image", "Z-Image", loaders, (1, "MODEL"), (4, "CLIP"), (5, "VAE"),
+                            note, _sampler(8, 1.0), sampling_model=shift)
+
+
+def train_on_sd35() -> WorkflowSpec:
+    loaders = [
+        NodeSpec(1, "CheckpointLoaderSimple", (40, 40), {"ckpt_name": "sd3.5_large.safetensors"}, "Load Checkpoint",
+                 (320, 100)),
+        NodeSpec(4, "TripleCLIPLoader", (40, 180), {"clip_name1": "clip_l.safetensors",
+                                                    "clip_name2": "clip_g.safetensors",
+                                                    "clip_name3": "t5xxl_fp8_e4m3fn.safetensors"},
+                 "Load CLIP (SD3)", (320, 130)),
+    ]
+    note = _loaders_note("SD3.5 (Large or Medium)", ["Load Checkpoint: sd3.5_large (its MODEL and VAE)",
+                                                     "TripleCLIPLoader: clip_l, clip_g, t5xxl"])
+    return _family_workflow("train_on_sd35", "sd35", "SD3.5", loaders, (1, "MODEL"), (4, "CLIP"), (1, "VAE"), note,
+                            _sampler(28, 4.5))
+
+
+def train_on_wan22() -> WorkflowSpec:
+    """Trained on the photo as a one-frame video; sampled as a short video (Wan 2.2 5B, text to video)."""
+    clip = NodeSpec(4, "CLIPLoader", (40, 180), {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"},
+                    "Load CLIP", (320, 110))
+    loaders = _diffusion_loaders("wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors", clip)
+    note = _loaders_note("Wan 2.2 5B (TI2V)", ["Load Diffusion Model: wan2.2_ti2v_5B",
+                                               "Load CLIP: umt5_xxl, type wan", "Load VAE: wan2.2_vae"]) + (
+        "\n\nThe photo trains as a one-frame video; the sample is a 33-frame clip (about 1.4 s at 24 fps).")
+    shift = NodeSpec(6, "ModelSamplingSD3", (820, 40), {"shift": 8.0}, "Sampling shift", (320, 60))
+    # the 5B model's latent: 48 channels at 1/16 size, 33 frames, made by Wan22ImageToVideoLatent (no start image)
+    latent = ("Wan22ImageToVideoLatent", {"width": 1280, "height": 704, "length": 33, "batch_size": 1},
+              "Empty video latent")
+    return _family_workflow("train_on_wan22", "wan22", "Wan 2.2", loaders, (1, "MODEL"), (4, "CLIP"), (5, "VAE"),
+                            note, _sampler(20, 5.0, "uni_pc"), latent, sampling_model=shift, video_fps=24.0,
+                            positive="a video of sks dog running on the beach, golden hour")
+
+
+FAMILY_WORKFLOWS = (train_on_flux, train_on_qwen_image, train_on_z_image, train_on_sd35, train_on_wan22)
+ALL = (train_and_sample, load_and_sample, lora_vs_tlora, convert_to_lora, pick_best_checkpoint, *FAMILY_WORKFLOWS)
 
 
 def specs(object_info: dict) -> list[WorkflowSpec]:

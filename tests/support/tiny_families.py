@@ -88,9 +88,9 @@ def _meta_state_dict(keys: dict) -> dict:
     return {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
 
 
-def build(name: str, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):
-    """(ModelPatcher, TinyFamily) of a tiny random model of family `name` (a key of TINY)."""
-    return build_spec(TINY[name], seed, weight_dtype, compute_dtype)
+def build(name, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):
+    """(ModelPatcher, TinyFamily) of a tiny random model of family `name` (a key of TINY, or a TinyFamily)."""
+    return build_spec(TINY[name] if isinstance(name, str) else name, seed, weight_dtype, compute_dtype)
 
 
 def build_spec(spec: TinyFamily, seed: int = 0, weight_dtype: torch.dtype = torch.float32, compute_dtype=None):

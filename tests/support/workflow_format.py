@@ -252,6 +252,11 @@ def widget_values_by_name(ui_node: dict, object_info: dict) -> dict:
     return named
 
 
+def display_title(node: dict, object_info: dict) -> str:
+    """The title the front end shows: the node's own, else its type's display name, else the type."""
+    return node.get("title") or object_info[node["type"]].get("display_name") or node["type"]
+
+
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """Convert a UI-format workflow to the API format, as the front end's graphToPrompt does."""
     by_id = {n["id"]: n for n in ui["nodes"]}
@@ -270,7 +275,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         # in the node's own input order, so the file reads like the node
         inputs = {s.name: given[s.name] for s in input_specs(object_info, node["type"]) if s.name in given}
         api[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
-                                "_meta": {"title": node.get("title") or object_info[node["type"]]["display_name"]}}
+                                "_meta": {"title": display_title(node, object_info)}}
     return api
 
 

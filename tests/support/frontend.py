@@ -132,7 +132,7 @@ return {
   category: !!category,
   text: dialog.innerText,
   images: [...dialog.querySelectorAll('img')].map(
-    i => ({alt: i.alt, src: i.src, loaded: i.complete && i.naturalWidth > 0})),
+    i => ({alt: i.alt, src: i.src, complete: i.complete, loaded: i.complete && i.naturalWidth > 0})),
 };
 """
 
@@ -213,7 +213,7 @@ class FrontEnd:
         return self.driver.execute_script(
             "return fetch(arguments[0]).then(async r => ({status: r.status, body: await r.text()}));", route)
 
-    def open_templates(self, pack: str, timeout: float = 30.0) -> dict:
+    def open_templates(self, pack: str, timeout: float = 120.0) -> dict:
         """Open the templates browser (the 'Browse Templates' command) on `pack`'s category.
 
         Returns the dialog's text and, per card image, its alt text (the template's name), its source
@@ -224,8 +224,14 @@ class FrontEnd:
             found = self.driver.execute_script(TEMPLATES_JS, pack, False)
             if found["category"]:
                 self.driver.execute_script(TEMPLATES_JS, pack, True)
-                self.driver.execute_script(SETTLED_JS)  # the thumbnails
-                return self.driver.execute_script(TEMPLATES_JS, pack, False)
+                # The cards (newer front ends render them after the click, with no request) and their thumbnails
+                while time.monotonic() < deadline:
+                    self.driver.execute_script(SETTLED_JS)
+                    shown = self.driver.execute_script(TEMPLATES_JS, pack, False)
+                    if shown["images"] and all(i["complete"] for i in shown["images"]):
+                        break
+                    time.sleep(0.5)
+                return shown  # what is missing by the deadline, the caller's assertions name
             time.sleep(0.5)
         raise TimeoutError(f"the templates browser did not show a {pack!r} category within {timeout:.0f} s")
 

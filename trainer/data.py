@@ -112,6 +112,6 @@ def check_mask_covers_something(mask: torch.Tensor, weights: torch.Tensor):
                              f"nothing. Paint the subject white (1) in the mask, or disconnect the mask to train on "
                              f"the whole image.")
         if not bool((weights[i] > 0).any()):
-            raise TLoraError(f"{which} covers nothing inside the part of the image that training uses (the centred "
-                             f"square), so the T-LoRA would learn nothing. Crop the image around the subject first, "
-                             f"or disconnect the mask.")
+            raise TLoraError(f"{which} covers nothing inside the centred square crop that training uses, so the "
+                             f"T-LoRA would learn nothing. Crop the image around the subject first, or disconnect "
+                             f"the mask.")

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -354,7 +355,21 @@ class Progress:
 
 async def follow(server: ComfyServer, api: dict, timeout: float, run: dict) -> dict:
     """Queue `api` and print its progress until it ends; returns its history entry. run["prompt_id"] is
-    set as soon as the prompt is queued (for Ctrl-C)."""
+    set as soon as the prompt is queued (for Ctrl-C).
+
+    Ctrl-C sets a flag that the loop reads between messages and raises KeyboardInterrupt from there: the
+    default, cancelling the task, can be swallowed when it coincides with a receive timeout (the job
+    then went on training after Ctrl-C on a loaded machine)."""
+    loop = asyncio.get_running_loop()
+    ctrl_c = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, ctrl_c.set)
+    try:
+        return await _follow(server, api, timeout, run, ctrl_c)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)  # back to Python's KeyboardInterrupt for cancel()
+
+
+async def _follow(server: ComfyServer, api: dict, timeout: float, run: dict, ctrl_c: asyncio.Event) -> dict:
     import aiohttp
 
     progress = Progress(api)
@@ -365,8 +380,10 @@ async def follow(server: ComfyServer, api: dict, timeout: float, run: dict) -> d
             run["prompt_id"] = prompt_id
             say(f"queued prompt {prompt_id}")
             while time.monotonic() < deadline:
+                if ctrl_c.is_set():
+                    raise KeyboardInterrupt
                 try:
-                    msg = await ws.receive(timeout=5.0)
+                    msg = await ws.receive(timeout=1.0)
                 except asyncio.TimeoutError:
                     if server.process.poll() is not None:
                         raise ComfyServerError(f"ComfyUI exited with code {server.process.returncode}:\n"

@@ -361,7 +361,7 @@ def test_pick_best_checkpoint_measures_every_saved_file(comfy_server, clip_vit_l
     assert chosen == table["best"]["file"] and table["best"]["pareto"]
     [plot] = images_of(comfy_server, entry, find_node(api, "PreviewImage", title="IS against TS"))
     assert plot.shape == (512, 768, 3)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)  # the README's picture (docs/evaluate_plot.png) comes from here
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)  # the README's picture (docs/pick_best_checkpoint_plot.png) is a copy
     Image.fromarray(plot).save(ARTIFACTS / "pick_best_checkpoint_plot.png")
 
 

@@ -42,6 +42,9 @@ def test_ctrl_c_cancels_through_the_server_waits_for_the_save_and_stops_comfyui(
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+            # ComfyUI runs in a session of its own: a killed job leaves it training, so it goes too
+            for pid in _processes_mentioning(str(out)):
+                os.kill(pid, signal.SIGKILL)
     text = "".join(lines) + rest
     assert job.returncode == 130, text
     assert "cancelling: asking ComfyUI to stop the run" in text and "cancelled at step" in text, text

@@ -21,12 +21,22 @@ def _plan(choice, family="Flux", checkpointing=False, resolution=0, dtype=torch.
     return plan_memory(choice, _family(family), checkpointing, resolution, dtype, device, available)
 
 
+# Families benchmarks/memory_estimate.py cannot count yet, so they have no presets ('memory' then logs "no presets
+# for the X family yet; settings unchanged"):
+NOT_ESTIMATED = {
+    # its MoE feed-forward routes each token to the experts its gate picks, by boolean indexing on the gate's
+    # values, which the meta device cannot trace; counting every token at every expert would over-count 4x
+    "HiDream",
+}
+
+
 def test_every_family_has_a_preset_for_every_card():
     import comfy.supported_models
 
     from tlora_pack.tlora_core.families import FAMILIES, MEMORY_CARDS, MEMORY_PRESETS
     families = {f.name for f in FAMILIES}
-    assert families <= set(MEMORY_PRESETS)
+    # exactly the named families lack presets: a new family without a row, or a row for a named one, fails here
+    assert families - set(MEMORY_PRESETS) == NOT_ESTIMATED
     # the other keys are config classes of the host (models of their own size within a family)
     assert all(isinstance(getattr(comfy.supported_models, k, None), type) for k in set(MEMORY_PRESETS) - families)
     for name, table in MEMORY_PRESETS.items():
@@ -73,7 +83,8 @@ def test_a_card_preset_turns_checkpointing_on_and_says_when_it_assumes_fp8():
     assert _plan("16 GB", checkpointing=True).gradient_checkpointing  # a preset never turns it off
 
 
-@pytest.mark.parametrize("family", ["SD1.x", "SD-XL", "Flux", "SD3", "Lumina2", "QwenImage"])
+@pytest.mark.parametrize("family", ["SD1.x", "SD-XL", "Flux", "SD3", "Lumina2", "QwenImage", "HunyuanVideo",
+                                    "LongCat-Image", "PixArt"])
 @pytest.mark.parametrize("card", [8, 12, 16, 24])
 def test_a_preset_caps_the_resolution_and_never_raises_it(family, card):
     from tlora_pack.tlora_core.families import memory_table

@@ -479,8 +479,11 @@ MEMORY_PRESETS: dict[str, MemoryTable] = {
     "SD1.x": _table(5.4, AS_LOADED, AS_LOADED, AS_LOADED, AS_LOADED),
     "SD2.x": _table(9.3, CHECKPOINTING, AS_LOADED, AS_LOADED, AS_LOADED),
     "SD-XL": _table(20.7, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),
-    "Flux": _table(111.6, _NO_FIT, _NO_FIT, _fp8_at(768), FP8_CHECKPOINTING),
-    "Flux2": _table(93.9, _NO_FIT, _fp8_at(512), FP8_CHECKPOINTING, CHECKPOINTING),
+    # Flux and Flux.2 recounted 2026-12-05 with the copies of saved tensors the trainer keeps for their in-place
+    # residual adds (Family.inplace_residuals): more without checkpointing, less with it (a copy holds only the
+    # slice it saves, not the whole fused output it was cut from)
+    "Flux": _table(172.6, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING),
+    "Flux2": _table(139.1, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
     "SD3": _table(83.7, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
     "Lumina2": _table(46.1, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
     "ZImage": _table(79.0, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),

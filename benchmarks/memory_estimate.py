@@ -179,9 +179,10 @@ SUBJECTS = (
     Subject("hunyuan_video15", "HunyuanVideo 1.5 8.3B, one frame", "HunyuanVideo",
             _hunyuan(2048, 54, 0, 3584, (1, 1, 1), 65, 32, vec=False, byt5=True, vision=1152), (65, 16), frames=True,
             context=(256, 3584)),
-    # Kandinsky 5.0 Video Pro (19 B), ComfyUI 0.33.0 only: model_dim 4096, ff 16384, time 1024, 4 text + 60 visual
-    # blocks (kandinskylab Kandinsky-5.0 Pro configs); visual input 33 channels (latent 16 + condition 16 + mask) in
-    # 1x2x2 patches = 132; HunyuanVideo's 16-channel VAE; Qwen2.5-VL text 3584, CLIP-L pooled 768.
+    # Kandinsky 5.0 Video Pro (19 B), ComfyUI 0.33.0 only: model_dim 4096 (the width 0.33.0's detector takes for
+    # Pro video), ff 16384, time 1024, 4 text + 60 visual blocks as the Kandinsky Pro configs give them (builds
+    # 19.31 B, the published 19 B); visual input 33 channels (latent 16 + condition 16 + mask) in 1x2x2 patches =
+    # 132; HunyuanVideo's 16-channel VAE; Qwen2.5-VL text 3584, CLIP-L pooled 768.
     Subject("kandinsky5_pro", "Kandinsky 5.0 Video Pro 19B, one frame", "Kandinsky5",
             _kandinsky5(4096, 16384, 1024, 4, 60, 132), (33, 8), frames=True, context=(256, 3584), pooled=768,
             env="0.33.0"),
@@ -191,7 +192,7 @@ SUBJECTS = (
             {"double_layers.0.attn.w1q.weight": (3072, 3072), "positional_encoding": (1, 4096, 3072),
              "cond_seq_linear.weight": (3072, 2048), **_blocks("double_layers.{}.attn.w1q.weight", 4),
              **_blocks("single_layers.{}.attn.w1q.weight", 32)}, (4, 8), context=(256, 2048)),
-    # PixArt-Sigma XL-2 1024-MS (0.6 B): 28 blocks of 1152 (the detector's fixed width and heads), T5 of 300 tokens,
+    # PixArt-Sigma XL-2 1024-MS (0.6 B; PixArt-alpha/PixArt-Sigma-XL-2-1024-MS): 28 blocks of 1152 (the detector's fixed width and heads), T5 of 300 tokens,
     # 128 x 128 latent positions (pe interpolation 2), SD-XL's 4-channel VAE.
     Subject("pixart_sigma", "PixArt-Sigma XL 1024", "PixArt",
             {"t_block.1.weight": (6 * 1152, 1152), "y_embedder.y_embedding": (300, 4096), "pos_embed": (1, 4096, 1152),

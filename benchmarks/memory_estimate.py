@@ -27,6 +27,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from math import prod
 from typing import Optional
 
 import torch
@@ -56,6 +57,11 @@ class Subject:
     pooled: int = 0
     guidance: bool = False
     unet: Optional[dict] = None  # a UNet's whole config instead (the detector needs every key of one)
+    # further forward inputs the family's model needs: name -> shape (bf16 zeros), ("ones", shape) for masks,
+    # or a plain number passed as it is
+    extra: dict = field(default_factory=dict)
+    env: str = "0.3.75"          # the oldest host whose classes build it ("0.33.0": the class exists only there)
+    build_on_cpu: bool = False   # built on the CPU (weights uninitialised) and then moved to the meta device
 
 
 def _blocks(pattern: str, n: int, shape=(1, 1)) -> dict:
@@ -88,6 +94,34 @@ def _sd3(depth, attn2_layers=0, patches=192 * 192) -> dict:
 def _wan(dim, layers, ffn, in_dim, out_dim) -> dict:
     return {"head.modulation": (1, 2, dim), "head.head.weight": (out_dim * 4, dim), "blocks.0.ffn.0.weight": (ffn, dim),
             "patch_embedding.weight": (dim, in_dim, 1, 2, 2), **_blocks("blocks.{}.self_attn.q.weight", layers)}
+
+
+def _hunyuan(hidden, double, single, context, patch, in_ch, out_ch, vec=True, guidance=False, byt5=False,
+             vision=0) -> dict:
+    """HunyuanVideo's detector keys: patch (t, h, w) or (h, w) from img_in, widths, block counts, optional parts."""
+    keys = {"txt_in.individual_token_refiner.blocks.0.norm1.weight": (hidden,),
+            "img_in.proj.weight": (hidden, in_ch, *patch), "final_layer.linear.weight": (out_ch * prod(patch), hidden),
+            "txt_in.input_embedder.weight": (hidden, context),
+            **_blocks("double_blocks.{}.img_attn.qkv.weight", double), **_blocks("single_blocks.{}.linear1.weight", single)}
+    if vec:
+        keys["vector_in.in_layer.weight"] = (hidden, 768)
+    if guidance:
+        keys["guidance_in.in_layer.weight"] = (hidden, 256)
+    if byt5:
+        keys["byt5_in.fc1.weight"] = (2048, 1472)
+    if vision:
+        keys["cond_type_embedding.weight"] = (3, hidden)
+        keys["vision_in.proj.0.weight"] = (vision, vision)
+    return keys
+
+
+def _kandinsky5(model_dim, ff_dim, time_dim, text_blocks, visual_blocks, visual_embed, text=3584, pooled=768) -> dict:
+    return {"visual_transformer_blocks.0.cross_attention.key_norm.weight": (128,),
+            "visual_embeddings.in_layer.bias": (model_dim,), "visual_embeddings.in_layer.weight": (model_dim, visual_embed),
+            "time_embeddings.in_layer.bias": (time_dim,), "visual_transformer_blocks.0.feed_forward.in_layer.weight": (ff_dim, model_dim),
+            "text_embeddings.in_layer.weight": (model_dim, text), "pooled_text_embeddings.in_layer.weight": (time_dim, pooled),
+            **_blocks("text_transformer_blocks.{}.self_attention.to_query.weight", text_blocks),
+            **_blocks("visual_transformer_blocks.{}.self_attention.to_query.weight", visual_blocks)}
 
 
 _UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
@@ -127,7 +161,81 @@ SUBJECTS = (
             context=(512, 4096)),
     Subject("wan22_14b", "Wan 2.2 14B (T2V, one expert), one frame", "Wan", _wan(5120, 40, 13824, 16, 16), (16, 8),
             frames=True, context=(512, 4096)),
+    # ---- the families of the generic rule (issue 19 item 5). Sizes from the published configs named beside each.
+    # HunyuanVideo 1.0 (13 B): diffusers HunyuanVideoTransformer3DModel defaults = hunyuanvideo-community/HunyuanVideo:
+    # 24 heads x 128 = 3072, 20 double + 40 single blocks, patch 1x2x2, 16 latent channels, LLaVA-Llama-3 text 4096,
+    # CLIP-L pooled 768, guidance embedding (the CFG-distilled release).
+    Subject("hunyuan_video", "HunyuanVideo 13B, one frame", "HunyuanVideo",
+            _hunyuan(3072, 20, 40, 4096, (1, 2, 2), 16, 16, guidance=True), (16, 8), frames=True, context=(256, 4096),
+            pooled=768, guidance=True),
+    # HunyuanImage 2.1 (17 B): Tencent-Hunyuan/HunyuanImage-2.1 hunyuanimage_v2_1_cfg: hidden 3584 (28 heads), 20 double +
+    # 40 single blocks, patch 1x1 on the 64-channel latent of its 32x VAE, Qwen2.5-VL text 3584, glyph ByT5 on, no
+    # guidance embedding (the base model).
+    Subject("hunyuan_image21", "HunyuanImage 2.1 17B", "HunyuanVideo",
+            _hunyuan(3584, 20, 40, 3584, (1, 1), 64, 64, vec=False, byt5=True), (64, 32), context=(256, 3584)),
+    # HunyuanVideo 1.5 (8.3 B): diffusers HunyuanVideo15Transformer3DModel defaults: 16 heads x 128 = 2048, 54 double
+    # blocks, no single, patch 1x1x1, in 65 (32 latent + 32 image condition + 1 mask) and out 32 channels of its 16x VAE,
+    # Qwen2.5-VL text 3584, ByT5 1472, SigLIP image 1152.
+    Subject("hunyuan_video15", "HunyuanVideo 1.5 8.3B, one frame", "HunyuanVideo",
+            _hunyuan(2048, 54, 0, 3584, (1, 1, 1), 65, 32, vec=False, byt5=True, vision=1152), (65, 16), frames=True,
+            context=(256, 3584)),
+    # Kandinsky 5.0 Video Pro (19 B), ComfyUI 0.33.0 only: model_dim 4096 (the width 0.33.0's detector takes for
+    # Pro video), ff 16384, time 1024, 4 text + 60 visual blocks as the Kandinsky Pro configs give them (builds
+    # 19.31 B, the published 19 B); visual input 33 channels (latent 16 + condition 16 + mask) in 1x2x2 patches =
+    # 132; HunyuanVideo's 16-channel VAE; Qwen2.5-VL text 3584, CLIP-L pooled 768.
+    Subject("kandinsky5_pro", "Kandinsky 5.0 Video Pro 19B, one frame", "Kandinsky5",
+            _kandinsky5(4096, 16384, 1024, 4, 60, 132), (33, 8), frames=True, context=(256, 3584), pooled=768,
+            env="0.33.0"),
+    # AuraFlow v0.3 (6.8 B): fal/AuraFlow transformer/config.json: 4 MMDiT + 32 single layers, 12 heads x 256 = 3072,
+    # joint_attention_dim 2048 (Pile-T5), pos_embed_max_size 4096, SD-XL's 4-channel VAE.
+    Subject("auraflow", "AuraFlow 0.3", "AuraFlow",
+            {"double_layers.0.attn.w1q.weight": (3072, 3072), "positional_encoding": (1, 4096, 3072),
+             "cond_seq_linear.weight": (3072, 2048), **_blocks("double_layers.{}.attn.w1q.weight", 4),
+             **_blocks("single_layers.{}.attn.w1q.weight", 32)}, (4, 8), context=(256, 2048)),
+    # PixArt-Sigma XL-2 1024-MS (0.6 B; PixArt-alpha/PixArt-Sigma-XL-2-1024-MS): 28 blocks of 1152 (the detector's fixed width and heads), T5 of 300 tokens,
+    # 128 x 128 latent positions (pe interpolation 2), SD-XL's 4-channel VAE.
+    Subject("pixart_sigma", "PixArt-Sigma XL 1024", "PixArt",
+            {"t_block.1.weight": (6 * 1152, 1152), "y_embedder.y_embedding": (300, 4096), "pos_embed": (1, 4096, 1152),
+             **_blocks("blocks.{}.attn.qkv.weight", 28)}, (4, 8), context=(300, 4096), build_on_cpu=True),
+    # LongCat-Image (6 B), ComfyUI 0.33.0 only: Flux blocks, 24 heads x 128 = 3072, 10 double + 20 single blocks,
+    # Qwen2.5-VL text 3584, no pooled vector and no guidance input (meituan-longcat/LongCat-Image).
+    Subject("longcat_image", "LongCat-Image 6B", "LongCat-Image", _flux(3072, 10, 20, 3584, vec=0, guidance=False),
+            (16, 8), context=(256, 3584), env="0.33.0"),
+    # OmniGen2 (4 B): the detector fixes the OmniGen2 config (hidden 2520, 21 heads / 7 kv heads, 32 layers + 2
+    # refiners, Qwen2.5-VL-3B text 2048), as OmniGen2's transformer/config.json has it.
+    Subject("omnigen2", "OmniGen2", "Omnigen2", {"time_caption_embed.timestep_embedder.linear_1.bias": (1024,)}, (16, 8),
+            context=(256, 2048), extra={"num_tokens": 256}),
+    # Not here: HiDream-I1 (17 B). Its MoE feed-forward sends each token to the experts its gate picks, by boolean
+    # indexing on the gate's values, which the meta device cannot trace (torch.nonzero has no data-free shape);
+    # assuming every token at every expert would count the routed experts' activations four times over.
+    # Mochi 1 preview (10 B): the detector fixes Mochi's config (48 blocks, 24 heads, visual width 3072, text 1536,
+    # 12 latent channels of an 8x spatial VAE, T5-XXL 256 tokens).
+    Subject("mochi", "Mochi 1 preview 10B, one frame", "GenmoMochi", {"t5_yproj.weight": (1536, 4096)}, (12, 8),
+            frames=True, context=(256, 4096), extra={"attention_mask": ("ones", (1, 256)), "num_tokens": 256}),
+    # LTX-Video 13B (0.9.7 / 0.9.8): Lightricks/LTX-Video-0.9.7-dev transformer/config.json: 48 layers, 32 heads x 128
+    # = 4096, cross_attention_dim 4096, 128 latent channels of a 32x spatial VAE, patch 1.
+    Subject("ltxv_13b", "LTX-Video 13B, one frame", "LTXV",
+            {"adaln_single.emb.timestep_embedder.linear_1.bias": (4096,), "transformer_blocks.0.attn2.to_k.weight": (4096, 4096),
+             **_blocks("transformer_blocks.{}.attn1.to_q.weight", 48)}, (128, 32), frames=True, context=(128, 4096),
+            extra={"attention_mask": ("ones", (1, 128))}),
+    # Hunyuan-DiT v1.2 (1.5 B): DiT-g/2, 40 blocks of 1408 (Tencent-Hunyuan/HunyuanDiT); CLIP (Chinese) 77 x 1024,
+    # mT5-XL 256 x 2048, SD-XL's 4-channel VAE.
+    Subject("hunyuan_dit", "Hunyuan-DiT 1.2", "HunyuanDiT",
+            {"mlp_t5.0.weight": (8192, 2048), "x_embedder.proj.weight": (1408, 4, 2, 2),
+             "extra_embedder.0.weight": (5632, 1280), **_blocks("blocks.{}.attn1.Wqkv.weight", 40)}, (4, 8),
+            context=(77, 1024), extra={"text_embedding_mask": ("ones", (1, 77)), "encoder_hidden_states_t5": (1, 256, 2048),
+                                       "text_embedding_mask_t5": ("ones", (1, 256)), "image_meta_size": (1, 6)}),
 )
+
+
+def _family_of(model_config) -> str:
+    from tlora_pack.tlora_core.families import family_for
+    family = family_for([c.__name__ for c in type(model_config).__mro__])
+    return family.name if family is not None else type(model_config).__name__
+
+
+class HostLacksModel(LookupError):
+    """The host's detector has no config class for a subject (a newer ComfyUI has it)."""
 
 
 def build(subject: Subject, resolution: int):
@@ -145,11 +253,19 @@ def build(subject: Subject, resolution: int):
         else:
             sd = {k: torch.empty(s) for k, s in subject.detect.items()}
             config = comfy.model_detection.detect_unet_config(sd, "")
+            model_config = comfy.model_detection.model_config_from_unet_config(config, sd) if config else None
+            if model_config is None or _family_of(model_config) != subject.family:
+                raise HostLacksModel(f"{subject.title}: this host's detector has no {subject.family} class for it (the "
+                                     f"class is on ComfyUI {subject.env}); skipped")
             if config.get("image_model") == "flux2":  # heads of 128 (0.3.75's detector fixes 48, Flux.2 dev's)
                 config["num_heads"] = config["hidden_size"] // sum(config["axes_dim"])
-            model_config = comfy.model_detection.model_config_from_unet_config(config, sd)
+                model_config = comfy.model_detection.model_config_from_unet_config(config, sd)
             model_config.set_inference_dtype(bf16, None)
-            model = model_config.get_model({}, "", device=torch.device("meta")).diffusion_model
+            if subject.build_on_cpu:  # its constructor reads values (.item()), which the meta device has not
+                with torch.device("cpu"):
+                    model = model_config.get_model({}, "", device=torch.device("cpu")).diffusion_model.to("meta")
+            else:
+                model = model_config.get_model({}, "", device=torch.device("meta")).diffusion_model
         inputs = dict(x=torch.zeros(shape, dtype=bf16, requires_grad=True), timesteps=torch.zeros(1),
                       context=torch.zeros(1, *subject.context, dtype=bf16))
         if subject.pooled:
@@ -158,9 +274,20 @@ def build(subject: Subject, resolution: int):
             inputs["guidance"] = torch.ones(1)
         if subject.family == "Lumina2":
             inputs["num_tokens"] = subject.context[0]
-    if subject.unet is None and "timesteps" not in _argument_names(model):
-        inputs["timestep"] = inputs.pop("timesteps")
+        for name, spec in subject.extra.items():
+            inputs[name] = _extra_input(spec)
+    names = _argument_names(model)
+    if subject.unet is None and "timesteps" not in names:
+        inputs["timestep" if "timestep" in names else "t"] = inputs.pop("timesteps")
     return model, inputs
+
+
+def _extra_input(spec):
+    if isinstance(spec, (int, float)):
+        return spec
+    if spec[0] == "ones":
+        return torch.ones(spec[1], dtype=torch.bfloat16)
+    return torch.zeros(spec, dtype=torch.bfloat16)
 
 
 def _argument_names(model) -> tuple:
@@ -169,24 +296,28 @@ def _argument_names(model) -> tuple:
 
 
 def traced_step(model, inputs, checkpointing: bool, copy_saved: bool) -> int:
-    """Bytes kept for backward by one forward (plus the largest block's, recomputed in backward)."""
-    from tlora_pack.trainer.train import checkpointed_blocks
+    """Bytes kept for backward by one forward (plus the largest block's, recomputed in backward). copy_saved:
+    autograd keeps a copy of each saved tensor, as the trainer does for a family whose blocks add in place
+    (Family.inplace_residuals, trainer.loop.saved_copies). Runs under the trainer's frozen_base, which raises
+    ComfyUI's `in_training` (0.33.0 then uses its autograd-capable RoPE instead of comfy_kitchen's kernel)."""
+    from tlora_pack.trainer.train import checkpointed_blocks, frozen_base
 
     model.requires_grad_(False)
     storages: dict = {}
 
     def keep(tensor):
+        tensor = tensor.clone() if copy_saved else tensor
         storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         return tensor
-    with checkpointed_blocks(model, checkpointing, copy_saved):
+    with frozen_base(model), checkpointed_blocks(model, checkpointing, copy_saved):
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
             out = model(**inputs)
         kept = sum(storages.values())
         out.float().sum().backward()
-    return kept + (_largest_block(model, inputs) if checkpointing else 0)
+        return kept + (_largest_block(model, inputs, copy_saved) if checkpointing else 0)
 
 
-def _largest_block(model, inputs) -> int:
+def _largest_block(model, inputs, copy_saved: bool) -> int:
     """Bytes a single block keeps for backward, the largest over the model (recorded per block in one
     plain forward)."""
     from tlora_pack.trainer.train import checkpoint_units
@@ -195,6 +326,7 @@ def _largest_block(model, inputs) -> int:
     current = [None]
 
     def keep(tensor):
+        tensor = tensor.clone() if copy_saved else tensor
         if current[0] is not None:
             per_unit.setdefault(current[0], {})[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         return tensor
@@ -239,7 +371,8 @@ def measure(subject: Subject) -> dict:
     """{(fp8, checkpointing, resolution): GiB} for every setting of PREFERENCE and both bases without
     checkpointing, with the model's size; printed as it goes."""
     native = native_resolution(subject.family)
-    copy_saved = subject.family in ("Flux", "Flux2")  # ComfyUI's Flux blocks add in place (inplace_residuals)
+    from tlora_pack.tlora_core.families import family_named
+    copy_saved = family_named(subject.family).inplace_residuals  # the trainer's choice (Flux blocks add in place)
     traces: dict = {}
     result: dict = {}
     for fp8, checkpointing, px in PREFERENCE + ((True, False, 0),):
@@ -290,7 +423,11 @@ def main():
     chosen = [s for s in SUBJECTS if not cli.only or s.key in cli.only.split(",")]
     rows, presets = [], []
     for subject in chosen:
-        r = measure(subject)
+        try:
+            r = measure(subject)
+        except HostLacksModel as e:
+            print(e)
+            continue
         n = r["native"]
         print(f"{subject.title} [{subject.family}], {n} px: {r['info']}")
         rows.append(f"| {subject.title} | {n} | {r[(False, False, n)]:.1f} | {r[(True, False, n)]:.1f} | "

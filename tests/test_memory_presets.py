@@ -21,12 +21,22 @@ def _plan(choice, family="Flux", checkpointing=False, resolution=0, dtype=torch.
     return plan_memory(choice, _family(family), checkpointing, resolution, dtype, device, available)
 
 
+# Families benchmarks/memory_estimate.py cannot count yet, so they have no presets ('memory' then logs "no presets
+# for the X family yet; settings unchanged"):
+NOT_ESTIMATED = {
+    # its MoE feed-forward routes each token to the experts its gate picks, by boolean indexing on the gate's
+    # values, which the meta device cannot trace; counting every token at every expert would over-count 4x
+    "HiDream",
+}
+
+
 def test_every_family_has_a_preset_for_every_card():
     import comfy.supported_models
 
     from tlora_pack.tlora_core.families import FAMILIES, MEMORY_CARDS, MEMORY_PRESETS
     families = {f.name for f in FAMILIES}
-    assert families <= set(MEMORY_PRESETS)
+    # exactly the named families lack presets: a new family without a row, or a row for a named one, fails here
+    assert families - set(MEMORY_PRESETS) == NOT_ESTIMATED
     # the other keys are config classes of the host (models of their own size within a family)
     assert all(isinstance(getattr(comfy.supported_models, k, None), type) for k in set(MEMORY_PRESETS) - families)
     for name, table in MEMORY_PRESETS.items():
@@ -39,14 +49,13 @@ def test_every_family_has_a_preset_for_every_card():
 
 
 def test_the_issues_goals_are_met_by_the_estimate():
-    """FLUX.1-dev, Flux.2 Klein and Wan 2.2 5B fit 16 GB, SD-XL fits 8 GB (benchmarks/memory_estimate.py);
-    all but FLUX.1-dev at their recipe's size (FLUX.1-dev's 15.0 GiB at 1024 px leaves less than the 1 GiB
-    the estimate keeps for the CUDA context)."""
+    """FLUX.1-dev, Flux.2 Klein and Wan 2.2 5B fit 16 GB, SD-XL fits 8 GB, all at their recipe's size
+    (benchmarks/memory_estimate.py; FLUX.1-dev 14.0 GiB with an fp8 base and checkpointing)."""
     from tlora_pack.tlora_core.families import memory_table
     for key, card in (("Flux", 16), ("Flux2", 16), ("WAN22_T2V", 16), ("SD-XL", 8)):
         preset = memory_table(key).cards[card]
         assert preset.fits, key
-        assert preset.max_resolution == (768 if key == "Flux" else 0), key
+        assert preset.max_resolution == 0, key
     # a config class's own presets come before its family's
     assert memory_table("Lumina2", ("ZImage", "Lumina2")) is not memory_table("Lumina2")
 
@@ -73,7 +82,8 @@ def test_a_card_preset_turns_checkpointing_on_and_says_when_it_assumes_fp8():
     assert _plan("16 GB", checkpointing=True).gradient_checkpointing  # a preset never turns it off
 
 
-@pytest.mark.parametrize("family", ["SD1.x", "SD-XL", "Flux", "SD3", "Lumina2", "QwenImage"])
+@pytest.mark.parametrize("family", ["SD1.x", "SD-XL", "Flux", "SD3", "Lumina2", "QwenImage", "HunyuanVideo",
+                                    "LongCat-Image", "PixArt"])
 @pytest.mark.parametrize("card", [8, 12, 16, 24])
 def test_a_preset_caps_the_resolution_and_never_raises_it(family, card):
     from tlora_pack.tlora_core.families import memory_table

@@ -468,22 +468,41 @@ def _table(as_loaded_gib: float, *presets: MemoryPreset) -> MemoryTable:
 
 # Filled from `benchmarks/memory_estimate.py` (one step on the meta device at the recipe's size; a card of
 # N GiB holds N - 1). Keyed by family name, sized on the family's largest model (SD 1.5, SD 2.1, SD-XL,
-# FLUX.1-dev, SD3.5 Large, Lumina 2, Qwen-Image), or by a config class whose models differ in size from
-# the rest of their family (Z-Image; Flux.2 sized on Klein 9B; Wan 2.2 5B apart from the 14B models).
+# FLUX.1-dev, SD3.5 Large, Lumina 2, Qwen-Image, HunyuanVideo 13B, Kandinsky 5 Video Pro, LTX-Video 13B, ...),
+# or by a config class whose models differ in size from the rest of their family (Z-Image; Flux.2 sized on
+# Klein 9B; Wan 2.2 5B apart from the 14B models; HunyuanImage 2.1 and HunyuanVideo 1.5 apart from
+# HunyuanVideo 1.0). Families without a row: tests/test_memory_presets.py names them with the reason.
 _NO_FIT = _fp8_at(512, fits=False)
+_WAN_14B = _table(130.1, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING)  # Wan 2.1 / 2.2 14B (one expert), one frame
 MEMORY_PRESETS: dict[str, MemoryTable] = {
     # key: _table(GiB as loaded, 8 GB, 12 GB, 16 GB, 24 GB)
     "SD1.x": _table(5.4, AS_LOADED, AS_LOADED, AS_LOADED, AS_LOADED),
     "SD2.x": _table(9.3, CHECKPOINTING, AS_LOADED, AS_LOADED, AS_LOADED),
     "SD-XL": _table(20.7, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),
-    "Flux": _table(111.6, _NO_FIT, _NO_FIT, _fp8_at(768), FP8_CHECKPOINTING),
-    "Flux2": _table(93.9, _NO_FIT, _fp8_at(512), FP8_CHECKPOINTING, CHECKPOINTING),
+    # Flux and Flux.2 recounted 2026-12-05 with the copies of saved tensors the trainer keeps for their in-place
+    # residual adds (Family.inplace_residuals): more without checkpointing, less with it (a copy holds only the
+    # slice it saves, not the whole fused output it was cut from)
+    "Flux": _table(172.6, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING),
+    "Flux2": _table(139.1, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
     "SD3": _table(83.7, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
     "Lumina2": _table(46.1, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
     "ZImage": _table(79.0, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
     "QwenImage": _table(134.8, _NO_FIT, _NO_FIT, _NO_FIT, _fp8_at(768)),
-    "WAN21_T2V": _table(130.1, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),
+    "Wan": _WAN_14B,
+    "WAN21_T2V": _WAN_14B,
     "WAN22_T2V": _table(23.3, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    # the generic-rule families (2026-12-05; Kandinsky 5 and LongCat-Image on ComfyUI 0.33.0, the rest on 0.3.75)
+    "HunyuanVideo": _table(168.6, _NO_FIT, _NO_FIT, _fp8_at(768), FP8_CHECKPOINTING),  # 1.0, 13 B, one frame
+    "HunyuanImage21": _table(75.6, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # 17 B
+    "HunyuanVideo15": _table(103.6, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),  # 8.3 B, one frame
+    "Kandinsky5": _table(159.2, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # Video Pro 19 B, one frame
+    "AuraFlow": _table(50.6, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    "PixArt": _table(20.5, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),  # PixArt-Sigma 1024
+    "LongCat-Image": _table(84.0, _fp8_at(768), FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    "Omnigen2": _table(56.8, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    "GenmoMochi": _table(101.2, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING),  # one frame
+    "LTXV": _table(57.4, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING),  # 13 B, one frame
+    "HunyuanDiT": _table(34.1, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # v1.2
 }
 
 

@@ -257,6 +257,7 @@ def main():
         else:
             results.append(common.run_child(["--worker", *flags], script=Path(__file__)))
         print(f"   {results[-1]['model']}: {results[-1]['seconds']:.0f} s", flush=True)
+        print("   " + table(results[-1:])[-1], flush=True)  # each row as it comes: a cut-short run keeps it
     print("\n" + "\n".join(table(results)))
     print(f"\nload average at end: {common.load_average()}")
 

@@ -292,6 +292,14 @@ class Setup:
         return 4 if self.family == "sd15" else 16
 
     @property
+    def scheduler(self) -> str:
+        return "normal" if self.family == "sd15" else "simple"
+
+    def latent_shape(self, side: int) -> tuple:
+        """The shape of one side x side latent (a family whose latents carry a frame axis adds it)."""
+        return (1, self.channels, side, side)
+
+    @property
     def cfg(self) -> float:
         """SD1.5 with CFG 7 (cond + uncond: 2 rows per model call); Flux-dev with CFG 1 and its guidance
         embedding (1 row per call), as each is normally sampled."""
@@ -349,7 +357,8 @@ def merged_at_load(patcher) -> dict:
 
 
 def sample_once(patcher, setup: Setup, latent: int, steps: int, device: str, seed: int = 0):
-    """comfy.sample.sample as KSampler runs it (euler; SD1.5: normal schedule, CFG 7; Flux: simple, CFG 1).
+    """comfy.sample.sample as KSampler runs it (euler; SD1.5: normal schedule, CFG 7; Flux: simple, CFG 1;
+    `setup`: a Setup, or anything with its latent_shape, scheduler, cfg and conditioning).
 
     Returns (output, wall seconds per step, process CPU seconds per step); the first entry covers
     loading / patching plus the first step, the others one step each. CPU time (all threads of this
@@ -364,10 +373,9 @@ def sample_once(patcher, setup: Setup, latent: int, steps: int, device: str, see
             torch.cuda.synchronize()
         wall.append(time.perf_counter())
         cpu.append(time.process_time())
-    latent_image = torch.zeros(1, setup.channels, latent, latent)
+    latent_image = torch.zeros(setup.latent_shape(latent))
     noise = torch.randn(latent_image.shape, generator=torch.Generator().manual_seed(seed))
-    scheduler = "normal" if setup.family == "sd15" else "simple"
-    out = comfy.sample.sample(patcher, noise, steps, setup.cfg, "euler", scheduler, setup.conditioning(1),
+    out = comfy.sample.sample(patcher, noise, steps, setup.cfg, "euler", setup.scheduler, setup.conditioning(1),
                               setup.conditioning(2), latent_image, callback=callback, disable_pbar=True, seed=seed)
     return out, gaps(wall), gaps(cpu)
 

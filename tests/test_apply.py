@@ -323,3 +323,104 @@ def test_low_vram_partial_loading_gives_the_same_prediction(setup, monkeypatch):
     partial = predict_x0(both, positive, x, sigma)
     assert patcher.model.model_lowvram, "the model was not partially loaded"
     assert (partial - full).norm() / full.norm() < 1e-5
+
+
+def _count_cast_path_entries(monkeypatch, modules):
+    """Counts, per adapted Linear, the calls that enter ComfyUI's cast path (forward_comfy_cast_weights:
+    the path that copies the whole weight when a weight function is registered)."""
+    entries = {id(m): 0 for m in modules}
+    for cls in {type(m) for m in modules}:
+        real = cls.forward_comfy_cast_weights
+
+        def counted(self, *args, _real=real, **kwargs):
+            if id(self) in entries:
+                entries[id(self)] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward_comfy_cast_weights", counted)
+    return entries
+
+
+def test_activations_path_calls_skip_the_weight_copy_and_match_the_dense_reference(setup, path, monkeypatch):
+    """A call in which no adapter of a Linear adds dW on the weight runs that Linear without the pack's
+    weight function, so ComfyUI's op takes its plain path (no whole-weight copy); a weight-path call goes
+    through the cast path with the function; both give W + dW(t); the lists are as injected afterwards."""
+    from support.predict import predict_x0
+    from tlora_pack.trainer import runtime as rt
+
+    patcher, positive, x = setup
+    tlora = _tlora(patcher)
+    patched, runtime = rt.apply_tlora(patcher, tlora, 1.0)
+    modules = [patcher.model.get_submodule(p) for p in runtime.weight_functions]
+    assert not any(m.comfy_cast_weights for m in modules), "fp32 on the CPU: ComfyUI's ops take the plain path"
+    entries = _count_cast_path_entries(monkeypatch, modules)
+    calls = []
+    real_call = rt.SharedWeightFunction.__call__
+    monkeypatch.setattr(rt.SharedWeightFunction, "__call__", lambda self, w: calls.append(1) or real_call(self, w))
+    t = 300
+    sigma = float(patcher.model.model_sampling.sigmas[t])
+    got = _predict_on(path, patched, positive, x, sigma)
+    for m, functions in zip(modules, runtime.weight_functions.values()):  # still loaded, as injected
+        assert not hasattr(m, rt.SUSPENDED)
+        assert [f for f in m.weight_function if isinstance(f, rt.SharedWeightFunction)] == functions
+    entered = sum(n > 0 for n in entries.values())
+    if path[0] == "activations":
+        assert entered == 0 and not calls, f"{entered} adapted Linears copied their weight on the activations path"
+    elif path[0] == "weight":
+        assert entered == len(modules) and len(calls) == sum(entries.values())
+    else:  # the FLOP rule at 16x16 latents: some layers on each path
+        assert 0 < entered < len(modules) and len(calls) == sum(entries.values())
+    ref = _reference_patcher(patcher, {k: dense_delta(f, _paper_rank(t)) for k, f in tlora.layers.items()})
+    want = predict_x0(ref, positive, x, sigma)
+    assert (want - predict_x0(patcher, positive, x, sigma)).norm() / want.norm() > 1e-3
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_suspended_weight_functions_leave_other_entries_and_come_back_in_any_order():
+    """Only the runtime's own functions leave a Linear's list for a call (a low-VRAM patch or another
+    T-LoRA's function stays, in order); two runtimes stacked on one Linear may resume in either order."""
+    from tlora_pack.trainer.runtime import SUSPENDED, resume_weight_functions, suspend_weight_functions
+
+    def low_vram(w):
+        return w
+
+    def ours_a(w):
+        return w
+
+    def ours_b(w):
+        return w
+    for order in ((ours_a, ours_b), (ours_b, ours_a)):
+        module = torch.nn.Linear(2, 2)
+        full = [low_vram, ours_a, ours_b]
+        module.weight_function = full
+        suspend_weight_functions(module, [ours_a])
+        assert module.weight_function == [low_vram, ours_b]
+        suspend_weight_functions(module, [ours_b])
+        assert module.weight_function == [low_vram]
+        resume_weight_functions(module, [order[0]])
+        assert module.weight_function == [low_vram, order[0]]
+        resume_weight_functions(module, [order[1]])
+        assert module.weight_function is full and not hasattr(module, SUSPENDED)
+
+
+def test_weight_functions_come_back_when_the_forward_raises(setup, monkeypatch):
+    """The gate's restoring hook is always called: a forward that raises (e.g. an interrupted run) leaves
+    the Linear's list as it was injected."""
+    from support.predict import predict_x0
+    from tlora_pack.trainer import runtime as rt
+
+    patcher, positive, x = setup
+    patched, runtime = rt.apply_tlora(patcher, _tlora(patcher), 1.0)
+    monkeypatch.setattr(rt, "activations_cheaper", lambda *a: True)
+    path = next(iter(runtime.weight_functions))
+    module = patcher.model.get_submodule(path)
+    seen = []
+
+    def raising(*args, **kwargs):
+        seen.append(list(module.weight_function))
+        raise RuntimeError("stop")
+    monkeypatch.setattr(module, "forward", raising)
+    with pytest.raises(RuntimeError, match="stop"):
+        predict_x0(patched, positive, x, float(patcher.model.model_sampling.sigmas[500]))
+    mine = runtime.weight_functions[path][0]
+    assert seen and not any(f is mine for f in seen[0]), "the call ran with the function taken off"
+    assert any(f is mine for f in module.weight_function) and not hasattr(module, rt.SUSPENDED)

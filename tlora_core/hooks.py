@@ -57,11 +57,14 @@ def add_delta(output: torch.Tensor, x: torch.Tensor, call: CallMasks, strength: 
     """The forward-hook body: output + strength * dW(t_i) x_i, row i with its own t.
 
     `rows` = (offset, size) adds it to a slice of the outputs only (a fused weight such as Flux's qkv).
+    Without autograd (sampling) the slice is added in place: the output is the layer's own fresh result,
+    which nothing else holds yet, and a fused Linear with several slices adapted (Flux's linear1: 21504
+    outputs) would otherwise copy its whole output once per slice. With autograd it is added to a copy.
     """
     d = delta(x, call.per_row(x, layer_key), call.active) * strength
     if rows is None:
         return output + d.to(output.dtype)
     offset, size = rows
-    out = output.clone()
+    out = output.clone() if torch.is_grad_enabled() else output
     out[..., offset:offset + size] += d.to(output.dtype)
     return out

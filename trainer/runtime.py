@@ -15,6 +15,10 @@ How it enters ComfyUI (each with its undo, under a key of its own so several T-L
     frozen product of Eq. 6 (no gradient) from the weight copy ComfyUI makes anyway, and the forward
     hook adds only the trained product, so a T-LoRA step costs what a plain LoRA step costs plus one
     k x in x out product per layer.
+  * a pre-hook / forward hook pair per Linear (WeightFunctionGate) that takes this runtime's weight
+    functions off the Linear for a call in which none of its adapters adds anything on the weight:
+    ComfyUI's ops copy the whole weight whenever a weight function is registered, so without the gate
+    an activations-path call would pay a weight copy for nothing (1.1-1.2x the bare model on a DiT).
 The base weights are never modified and nothing is merged, so unpatching gives the original model.
 """
 from __future__ import annotations
@@ -133,8 +137,8 @@ class AdaptedLayer:
     """The two hooks of one Linear; they read the masks of the current call from the runtime.
 
     A call whose rows share one t adds strength * dW(t) by the cheaper of two paths for the rows of
-    the input (activations_cheaper; a pre-hook reads them, so a gradient-checkpoint replay takes the
-    same path): on the weight (weight_function) or on the output (forward hook). A call whose rows
+    the input (activations_cheaper; the Linear's WeightFunctionGate reads them, so a gradient-checkpoint
+    replay takes the same path): on the weight (weight_function) or on the output (forward hook). A call whose rows
     carry different t always goes through the forward hook, with one mask per sample. Sampling uses
     the stacked form (W + s * left @ right is one addmm); training the two-pass form, whose frozen
     pass needs no gradients.
@@ -177,19 +181,20 @@ class AdaptedLayer:
         cheaper = activations_cheaper(self.rows, f.in_features, f.out_features, call.active, f.has_base, False)
         return "activations" if cheaper else "weight"
 
-    def pre_hook(self, module, args):
-        self.rows = args[0].numel() // args[0].shape[-1]
+    def takes_weight(self, call: Optional["CallMasks"]) -> bool:
+        """Whether this call may add something on the weight (new_rows may return rows): False means the
+        forward hook adds all of dW on the activations and the weight function would hand W back."""
+        return (call is not None and call.uniform and self.runtime.strength != 0
+                and self.path(call) != "activations")
 
     def new_rows(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """This layer's rows of W + strength * dW(t), in the weight's dtype, when this call adds dW on the
         weight; None when the forward hook adds it on the activations instead."""
         self.on_weight = self.frozen_on_weight = False
         call = self.runtime.current
-        if call is None or not call.uniform or self.runtime.strength == 0 or not weight_path_exact(self.module, weight):
+        if not self.takes_weight(call) or not weight_path_exact(self.module, weight):
             return None
         path = self.path(call)
-        if path == "activations":
-            return None
         # Training builds dW in float32 (a difference of two close products; autocast may still lower it).
         dtype, strength = torch.float32 if self.trained else compute_dtype(weight), self.runtime.strength
         offset, size = self.target.rows or (0, weight.shape[0])
@@ -268,6 +273,73 @@ def shared_weight_functions(layers: list) -> dict[str, list[SharedWeightFunction
             for path, groups in by_module.items()}
 
 
+SUSPENDED = "_tlora_suspended_weight_functions"  # on a Linear while a call runs with functions taken off
+
+
+def suspend_weight_functions(module, functions: list):
+    """Take `functions` off the module's weight_function list for the call in progress; every other entry
+    (ComfyUI's low-VRAM patches, another T-LoRA's functions) stays, in its order. The list in force before
+    the first suspension is kept on the module, so that runtimes stacked on one Linear may resume in any
+    order."""
+    stash = module.__dict__.get(SUSPENDED)
+    if stash is None:
+        stash = (module.weight_function, [])  # (the full list, the functions taken off it)
+        module.__dict__[SUSPENDED] = stash
+    full, off = stash
+    off.extend(functions)
+    module.weight_function = [f for f in full if not any(f is g for g in off)]
+
+
+def resume_weight_functions(module, functions: list):
+    """Undo suspend_weight_functions for `functions`; once nothing is off, the original list object is back."""
+    stash = module.__dict__.get(SUSPENDED)
+    if stash is None:
+        return
+    full, off = stash
+    off[:] = [g for g in off if not any(g is f for f in functions)]
+    if off:
+        module.weight_function = [f for f in full if not any(f is g for g in off)]
+    else:
+        module.weight_function = full
+        del module.__dict__[SUSPENDED]
+
+
+class WeightFunctionGate:
+    """Registers this runtime's weight functions with a Linear only for the calls that need them.
+
+    ComfyUI's ops run a Linear through their cast path, which copies the whole weight, whenever its
+    weight_function list is not empty. For a call in which none of this runtime's adapters on the Linear
+    adds anything on the weight (activations path by the rows of the input, rows with different t,
+    strength 0), their functions would hand the weight back unchanged, so the pre-hook takes them off the
+    list for that call and the forward hook (always called, also when the forward raises) puts them back:
+    the op then runs exactly as it does without the T-LoRA, and the layers' forward hooks add dW x.
+    The pre-hook also records the rows of the input for the layers' choice of path, so a gradient-
+    checkpoint replay (same rows, same masks) makes the same choice.
+    """
+
+    def __init__(self, runtime: "TLoraRuntime", layers: list, functions: list):
+        self.runtime, self.layers, self.functions = runtime, layers, functions
+        self.suspended = False
+
+    def pre_hook(self, module, args):
+        rows = args[0].numel() // args[0].shape[-1]
+        for layer in self.layers:
+            layer.rows = rows
+        call = self.runtime.current
+        if not any(layer.takes_weight(call) for layer in self.layers):
+            suspend_weight_functions(module, self.functions)
+            self.suspended = True
+
+    def forward_hook(self, module, args, output):
+        if self.suspended:
+            self.suspended = False
+            resume_weight_functions(module, self.functions)
+
+    def register(self, module) -> list:
+        return [module.register_forward_pre_hook(self.pre_hook),
+                module.register_forward_hook(self.forward_hook, always_call=True)]
+
+
 class TLoraRuntime:
     """One application of a T-LoRA on one ModelPatcher (create it through `apply_tlora`)."""
 
@@ -278,6 +350,7 @@ class TLoraRuntime:
         self.current: Optional[CallMasks] = None
         self.last: Optional[CallMasks] = None  # masks of the latest call, for gradient-checkpoint replays
         self.weight_functions = shared_weight_functions(self.layers)
+        self.gate_handles: list = []
 
     def masks_for(self, t: torch.Tensor, device) -> CallMasks:
         s = self.schedule
@@ -310,13 +383,15 @@ class TLoraRuntime:
             module = model.get_submodule(layer.target.module_path)
             layer.module = module
             layer.trained = any(t.requires_grad for t in layer.factors.tensors().values())
-            layer.handles = [module.register_forward_pre_hook(layer.pre_hook),
-                             module.register_forward_hook(layer.forward_hook)]
+            layer.handles = [module.register_forward_hook(layer.forward_hook)]
+        self.gate_handles = []
         for path, functions in self.weight_functions.items():
             module = model.get_submodule(path)
             # Instance list, never the class attribute shared by every Linear. A plain torch Linear
             # ignores weight_function: on_weight then stays False and the forward hook adds dW.
             module.weight_function = list(getattr(module, "weight_function", [])) + functions
+            gate = WeightFunctionGate(self, [layer for f in functions for layer in f.layers], functions)
+            self.gate_handles += gate.register(module)
 
     def eject(self, patcher):
         model = patcher.model
@@ -324,6 +399,9 @@ class TLoraRuntime:
             module = model.get_submodule(path)
             module.weight_function = [f for f in getattr(module, "weight_function", [])
                                       if not any(f is mine for mine in functions)]
+        for handle in self.gate_handles:
+            handle.remove()
+        self.gate_handles = []
         for layer in self.layers:
             for handle in layer.handles:
                 handle.remove()

@@ -28,8 +28,6 @@ NOT_TINY = {
        ("SVD_img2vid", "SV3D_u", "SV3D_p")},
     "Boogu": "Omnigen 2's successor with its own constructor (no text_feat_dim); its tiny config is not written yet",
     "FluxInpaint": "Flux with 96 input channels (mask + masked image inputs); the Flux entry covers its blocks",
-    "ChromaRadiance": "its detector needs the NeRF pixel head's keys; Chroma's Flux blocks are covered by Flux",
-    "Chroma": "Chroma's detector needs its distilled-guidance approximator's keys; its blocks are Flux's",
     "HunyuanImage21Refiner": "HunyuanImage 2.1's refiner (3-D patches of 64 channels); HunyuanImage21 covers it",
     "HunyuanVideo15_SR_Distilled": "HunyuanVideo 1.5's super-resolution stage (98 input channels)",
     **{name: "a Wan 2.1 variant whose forward needs its own control inputs (vace, camera, audio, pose, ...); "
@@ -37,7 +35,7 @@ NOT_TINY = {
        ("WAN21_Vace", "WAN22_S2V", "WAN21_HuMo", "WAN22_Animate", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2",
         "WAN22_WanDancer")},
     **{name: _GEN_VIDEO for name in
-       ("HiDream", "HiDreamO1", "GenmoMochi", "LTXV", "LTXAV", "HunyuanDiT", "HunyuanDiT1", "CosmosT2V", "CosmosI2V",
+       ("HiDreamO1", "GenmoMochi", "LTXV", "LTXAV", "HunyuanDiT", "HunyuanDiT1", "CosmosT2V", "CosmosI2V",
         "CosmosT2IPredict2", "CosmosI2VPredict2", "Anima", "CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint",
         "Stable_Cascade_C", "Stable_Cascade_B", "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
         "ErnieImage", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},

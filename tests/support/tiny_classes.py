@@ -53,6 +53,22 @@ ARCHS = {
                            {"hidden_size": 120, "num_attention_heads": 3, "num_kv_heads": 1, "axes_dim_rope": [8, 16, 16],
                             "axes_lens": [300, 64, 64], "num_layers": 1, "num_refiner_layers": 1, "text_feat_dim": 64,
                             "multiple_of": 32}, context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    "hidream": TinyFamily("hidream", {"caption_projection.0.linear.weight": (1, 1)},
+                          {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "caption_channels": [64, 64],
+                           "text_emb_dim": 32, "llama_layers": [0, 1], "num_routed_experts": 2},
+                          context=64, pooled=32,
+                          extra_cond={"conditioning_llama3": torch.randn(1, 2, 8, 64,
+                                                                        generator=torch.Generator().manual_seed(7))}),
+    "chroma": TinyFamily("chroma", {**_FLUX_KEYS, "distilled_guidance_layer.norms.0.scale": (1,),
+                                    "txt_in.weight": (H, 64)},
+                         {"out_dim": H, "hidden_dim": 64, "n_layers": 1, "num_heads": 2}, context=64,
+                         pooled=32),  # Chroma reads no pooled text; 0.3.75's Flux conditioning requires one
+    "chroma_radiance": TinyFamily("chroma_radiance", {**_FLUX_KEYS, "distilled_guidance_layer.norms.0.scale": (1,),
+                                                      "txt_in.weight": (H, 64), "nerf_blocks.0.norm.scale": (1,),
+                                                      "img_in_patch.weight": (H, 3, 16, 16)},
+                                  {"out_dim": H, "hidden_dim": 64, "n_layers": 1, "num_heads": 2, "nerf_depth": 1,
+                                   "nerf_hidden_size": 32}, context=64, pooled=32, downscale=1,  # pixel space
+                                  ones=("norm.scale", "norm.weight")),  # RMS-norm scales (0.3.75: scale)
 }
 
 
@@ -86,6 +102,8 @@ CLASSES = {
     "AuraFlow": ("aura", {}),
     "PixArtAlpha": ("pixart", {"micro_condition": True}), "PixArtSigma": ("pixart", {"micro_condition": False}),
     "Omnigen2": ("omnigen2", {}),
+    "HiDream": ("hidream", {}),
+    "Chroma": ("chroma", {}), "ChromaRadiance": ("chroma_radiance", {}),
 }
 
 

@@ -69,6 +69,11 @@ ARCHS = {
                                   {"out_dim": H, "hidden_dim": 64, "n_layers": 1, "num_heads": 2, "nerf_depth": 1,
                                    "nerf_hidden_size": 32}, context=64, pooled=32, downscale=1,  # pixel space
                                   ones=("norm.scale", "norm.weight")),  # RMS-norm scales (0.3.75: scale)
+    # Mochi: depth 2, as the last block does not update the text; its blocks assert an MLP of 1536 * 8 (12288) wide
+    "mochi": TinyFamily("mochi", {"t5_yproj.weight": (1, 1)},
+                        {"depth": 2, "num_heads": 2, "hidden_size_x": H, "hidden_size_y": 128, "t5_feat_dim": 64,
+                         "mlp_ratio_x": 12288 / H},
+                        context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
 }
 
 
@@ -104,6 +109,7 @@ CLASSES = {
     "Omnigen2": ("omnigen2", {}),
     "HiDream": ("hidream", {}),
     "Chroma": ("chroma", {}), "ChromaRadiance": ("chroma_radiance", {}),
+    "GenmoMochi": ("mochi", {}),
 }
 
 

@@ -275,7 +275,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Omnigen2", ("Omnigen2",), None, FLOW_DIT, "Omnigen 2"),
     Family("GenmoMochi", ("GenmoMochi",), None, FLOW_DIT,
            "Mochi (qkv_x, and qkv_y reading the narrower text width; the T5 pooling's attention too)"),
-    Family("LTXV", ("LTXV",), None, FLOW_DIT, "LTX-Video"),
+    Family("LTXV", ("LTXV",), None, FLOW_DIT, "LTX-Video (residuals added in place)", inplace_residuals=True),
     Family("PixArt", ("PixArtAlpha",), None, NOISE_DIT, "PixArt α / Σ (noise prediction: the paper's recipe)"),
     Family("HunyuanDiT", ("HunyuanDiT",), None, NOISE_DIT, "Hunyuan-DiT (noise prediction: the paper's recipe)"),
 )

@@ -74,6 +74,11 @@ ARCHS = {
                         {"depth": 2, "num_heads": 2, "hidden_size_x": H, "hidden_size_y": 128, "t5_feat_dim": 64,
                          "mlp_ratio_x": 12288 / H},
                         context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # LTX-Video: its detector reads 32 heads from attn2's width; its text is projected to the model width
+    "ltxv": TinyFamily("ltxv", {"adaln_single.emb.timestep_embedder.linear_1.bias": (1,),
+                                "transformer_blocks.0.attn2.to_k.weight": (128, 128)},
+                       {"num_attention_heads": 2, "attention_head_dim": 64, "caption_channels": 64},
+                       context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
 }
 
 
@@ -109,7 +114,7 @@ CLASSES = {
     "Omnigen2": ("omnigen2", {}),
     "HiDream": ("hidream", {}),
     "Chroma": ("chroma", {}), "ChromaRadiance": ("chroma_radiance", {}),
-    "GenmoMochi": ("mochi", {}),
+    "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
 }
 
 

@@ -35,7 +35,7 @@ NOT_TINY = {
        ("WAN21_Vace", "WAN22_S2V", "WAN21_HuMo", "WAN22_Animate", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2",
         "WAN22_WanDancer")},
     **{name: _GEN_VIDEO for name in
-       ("HiDreamO1", "LTXAV", "HunyuanDiT", "HunyuanDiT1", "CosmosT2V", "CosmosI2V",
+       ("HiDreamO1", "LTXAV", "CosmosT2V", "CosmosI2V",
         "CosmosT2IPredict2", "CosmosI2VPredict2", "Anima", "CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint",
         "Stable_Cascade_C", "Stable_Cascade_B", "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
         "ErnieImage", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},

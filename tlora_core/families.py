@@ -277,7 +277,8 @@ FAMILIES: tuple[Family, ...] = (
            "Mochi (qkv_x, and qkv_y reading the narrower text width; the T5 pooling's attention too)"),
     Family("LTXV", ("LTXV",), None, FLOW_DIT, "LTX-Video (residuals added in place)", inplace_residuals=True),
     Family("PixArt", ("PixArtAlpha",), None, NOISE_DIT, "PixArt α / Σ (noise prediction: the paper's recipe)"),
-    Family("HunyuanDiT", ("HunyuanDiT",), None, NOISE_DIT, "Hunyuan-DiT (noise prediction: the paper's recipe)"),
+    Family("HunyuanDiT", ("HunyuanDiT",), None, NOISE_DIT,
+           "Hunyuan-DiT 1.0 / 1.1+ (noise prediction: the paper's recipe; the mT5 pooling's attention too)"),
 )
 TARGET_SETS = ("attention", "attention+feedforward")
 

@@ -79,7 +79,19 @@ ARCHS = {
                                 "transformer_blocks.0.attn2.to_k.weight": (128, 128)},
                        {"num_attention_heads": 2, "attention_head_dim": 64, "caption_channels": 64},
                        context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # Hunyuan-DiT: CLIP text as the context, mT5 text and both masks beside it; 4 blocks so that one long skip
+    # connection is there; the pooler's positions fix the mT5 length (8 tokens)
+    "hydit": TinyFamily("hydit", {"mlp_t5.0.weight": (1, 1), "x_embedder.proj.weight": (128, 4, 2, 2),
+                                  "extra_embedder.0.weight": (1, 1024), **{f"blocks.{i}.x": (1,) for i in range(4)}},
+                        {"num_heads": 2, "text_states_dim": 64, "text_states_dim_t5": 64, "text_len": 8, "text_len_t5": 8},
+                        context=64, extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long),
+                                                "conditioning_mt5xl": torch.randn(1, 8, 64,
+                                                                                  generator=torch.Generator().manual_seed(7)),
+                                                "attention_mask_mt5xl": torch.ones(1, 8, dtype=torch.long)}),
 }
+# Hunyuan-DiT 1.1+: its detector reads the full model's extra-embedder width, 3968 (pooled text, image size and
+# style inputs); the tiny model then builds its own, narrower one
+ARCHS["hydit1"] = replace(ARCHS["hydit"], name="hydit1", keys={**ARCHS["hydit"].keys, "extra_embedder.0.weight": (1, 3968)})
 
 
 def _tiny_unet(cls) -> dict:
@@ -115,6 +127,7 @@ CLASSES = {
     "HiDream": ("hidream", {}),
     "Chroma": ("chroma", {}), "ChromaRadiance": ("chroma_radiance", {}),
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
+    "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
 }
 
 

@@ -35,8 +35,7 @@ NOT_TINY = {
        ("WAN21_Vace", "WAN22_S2V", "WAN21_HuMo", "WAN22_Animate", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2",
         "WAN22_WanDancer")},
     **{name: _GEN_VIDEO for name in
-       ("HiDreamO1", "LTXAV", "CosmosT2V", "CosmosI2V",
-        "CosmosT2IPredict2", "CosmosI2VPredict2", "Anima", "CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint",
+       ("HiDreamO1", "LTXAV", "Anima", "CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint",
         "Stable_Cascade_C", "Stable_Cascade_B", "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
         "ErnieImage", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},
     # not image or video generators
@@ -59,33 +58,54 @@ def test_every_class_of_the_host_is_covered_or_listed(comfy):
 
 def _sigma_and_t(patcher, fraction):
     """A sigma at `fraction` of the noise range and the paper's t there, by hand: 1000·sigma for the flow
-    samplings, a discrete sampling's own sigma table entry and its index otherwise (Wan FlowRVS predicts
-    flow on the discrete SD table)."""
+    samplings, 1000 times Cosmos's rectified-flow time sigma / (sigma + 1), for EDM (Cosmos 1) the sigma of
+    ComfyUI's standard SD table at t, and a discrete sampling's own sigma table entry and its index otherwise
+    (Wan FlowRVS predicts flow on the discrete SD table)."""
     import comfy.model_sampling as ms
 
     sampling = patcher.model.model_sampling
     if isinstance(sampling, (ms.ModelSamplingDiscreteFlow, ms.ModelSamplingFlux)):
         return fraction, 1000 * fraction
+    if isinstance(sampling, ms.ModelSamplingCosmosRFlow):  # Cosmos Predict2: its flow time is sigma / (sigma + 1)
+        return fraction / (1 - fraction), 1000 * fraction
+    if isinstance(sampling, ms.ModelSamplingContinuousEDM):  # no timesteps: SD's own table, at the same sigma
+        t = int(999 * fraction)
+        return float(ms.ModelSamplingDiscrete().sigmas[t]), t
     assert isinstance(sampling, ms.ModelSamplingDiscrete), type(sampling).__mro__
     t = int(999 * fraction)
     return float(sampling.sigmas[t]), t
 
 
-@pytest.fixture(scope="module", params=tc.host_classes())
-def trained(request, tmp_path_factory):
-    """(class name, patcher, spec, TrainResult) after 2 steps with the family's recipe, saved in fp32."""
+def _train_two_steps(name, folder):
+    """(patcher, spec, TrainResult) of class `name` built tiny and trained 2 steps with its family's recipe."""
     from tlora_pack.trainer.settings import TrainSettings
     from tlora_pack.trainer.train import model_family, train_tlora
 
-    name = request.param
     patcher, spec = tf.build_spec(tc.spec_for(name))
     assert type(patcher.model.model_config).__name__ == name
     recipe = model_family(patcher.model).recipe.resolve("auto", RANK, MIN_RANK, 2)
     size = tc.size_for(name)
     settings = TrainSettings(**recipe, resolution=size, storage="fp32")  # the family's optimiser at its own rate
     result = train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, size, size, 3), None, settings,
-                         str(tmp_path_factory.mktemp(name)), f"all/{name}", conditioning=tf.conditioning(spec))
-    return name, patcher, spec, result
+                         str(folder), f"all/{name}", conditioning=tf.conditioning(spec))
+    return patcher, spec, result
+
+
+@pytest.fixture(scope="module", params=tc.host_classes())
+def trained(request, tmp_path_factory):
+    """(class name, patcher, spec, TrainResult) after 2 steps with the family's recipe, saved in fp32."""
+    name = request.param
+    return (name, *_train_two_steps(name, tmp_path_factory.mktemp(name)))
+
+
+@pytest.mark.parametrize("name", tc.host_classes_without_backward())
+def test_a_class_whose_kernel_has_no_backward_on_this_host_fails_to_train_for_that_reason(name, tmp_path):
+    """Where the host's network calls a fused kernel without a backward (0.33.0's Cosmos Predict2 and
+    comfy_kitchen's RMS-norm + RoPE), training stops at that kernel; once it has a backward, this fails and the
+    class belongs with the others."""
+    kernel = tc.kernel_without_backward(name)
+    with pytest.raises(RuntimeError, match=f"backward through comfy_kitchen.{kernel}.*no autograd formula"):
+        _train_two_steps(name, tmp_path)
 
 
 @pytest.fixture(scope="module")

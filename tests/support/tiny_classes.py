@@ -8,6 +8,8 @@ file, with why it is not built here.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import replace
 
 import torch
@@ -88,6 +90,16 @@ ARCHS = {
                                                 "conditioning_mt5xl": torch.randn(1, 8, 64,
                                                                                   generator=torch.Generator().manual_seed(7)),
                                                 "attention_mask_mt5xl": torch.ones(1, 8, dtype=torch.long)}),
+    # Cosmos 1 (EDM): width from the first block's q, input channels (+ the padding mask) x 2 x 2 from the embedder;
+    # a width other than 4096 reads as the 14B model, then shrunk to one block of two heads
+    "cosmos": TinyFamily("cosmos", {"blocks.block0.blocks.0.block.attn.to_q.0.weight": (128, 1),
+                                    "x_embedder.proj.1.weight": (128, (16 + 1) * 4)},
+                         {"num_blocks": 1, "num_heads": 2, "crossattn_emb_channels": 64, "adaln_lora_dim": 32},
+                         context=64),
+    # Cosmos Predict2 (rectified flow): width and input channels from the embedder, blocks counted
+    "cosmos_predict2": TinyFamily("cosmos_predict2", {"blocks.0.mlp.layer1.weight": (1, 1),
+                                                      "x_embedder.proj.1.weight": (128, (16 + 1) * 4)},
+                                  {"num_heads": 2, "crossattn_emb_channels": 64, "adaln_lora_dim": 32}, context=64),
 }
 # Hunyuan-DiT 1.1+: its detector reads the full model's extra-embedder width, 3968 (pooled text, image size and
 # style inputs); the tiny model then builds its own, narrower one
@@ -128,6 +140,8 @@ CLASSES = {
     "Chroma": ("chroma", {}), "ChromaRadiance": ("chroma_radiance", {}),
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
+    "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
+    "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),
 }
 
 
@@ -158,12 +172,37 @@ def spec_for(class_name: str) -> TinyFamily:
     return replace(base, name=class_name, overrides=overrides, config_class=class_name, frames=frames)
 
 
-def host_classes() -> list[str]:
-    """The classes of CLASSES this host's supported_models has ([] where no ComfyUI is found: the tests skip)."""
+# Classes whose network, on some hosts, calls a fused kernel that has no backward (comfy_kitchen's inference-only
+# RMS-norm + RoPE), so that no training can pass through it: class -> (the network's module, the kernel). On a host
+# whose module calls it the class is left out of host_classes(), and the test checks that training fails there.
+NO_BACKWARD = {name: ("comfy.ldm.cosmos.predict2", "rms_rope_split_half")
+               for name in ("CosmosT2IPredict2", "CosmosI2VPredict2")}
+
+
+def kernel_without_backward(class_name: str) -> str:
+    """The kernel without a backward that this host's network of `class_name` calls, or ''."""
+    if class_name not in NO_BACKWARD:
+        return ""
+    module, kernel = NO_BACKWARD[class_name]
+    return kernel if f"ck.{kernel}(" in inspect.getsource(importlib.import_module(module)) else ""
+
+
+def _host_names() -> set[str]:
     try:
         import comfy.supported_models
     except ImportError:
-        return []
+        return set()
+    return {cls.__name__ for cls in comfy.supported_models.models}
 
-    have = {cls.__name__ for cls in comfy.supported_models.models}
-    return [name for name in CLASSES if name in have]
+
+def host_classes() -> list[str]:
+    """The classes of CLASSES this host's supported_models has and can train ([] where no ComfyUI is found: the
+    tests skip)."""
+    have = _host_names()
+    return [name for name in CLASSES if name in have and not kernel_without_backward(name)]
+
+
+def host_classes_without_backward() -> list[str]:
+    """The classes of CLASSES this host has whose network calls a kernel without a backward (NO_BACKWARD)."""
+    have = _host_names()
+    return [name for name in CLASSES if name in have and kernel_without_backward(name)]

@@ -27,7 +27,6 @@ NOT_TINY = {
     **{name: "a video UNet at full width (model_channels 320 is a detection key)" for name in
        ("SVD_img2vid", "SV3D_u", "SV3D_p")},
     "Boogu": "Omnigen 2's successor with its own constructor (no text_feat_dim); its tiny config is not written yet",
-    "FluxInpaint": "Flux with 96 input channels (mask + masked image inputs); the Flux entry covers its blocks",
     "HunyuanImage21Refiner": "HunyuanImage 2.1's refiner (3-D patches of 64 channels); HunyuanImage21 covers it",
     "HunyuanVideo15_SR_Distilled": "HunyuanVideo 1.5's super-resolution stage (98 input channels)",
     **{name: "a Wan 2.1 variant whose forward needs its own control inputs (vace, camera, audio, pose, ...); "

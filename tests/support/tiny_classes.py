@@ -101,6 +101,9 @@ ARCHS = {
                                                       "x_embedder.proj.1.weight": (128, (16 + 1) * 4)},
                                   {"num_heads": 2, "crossattn_emb_channels": 64, "adaln_lora_dim": 32}, context=64),
 }
+# Flux Fill: the tiny Flux-dev with 96 input channels (latent, mask and masked image), read from img_in's width
+ARCHS["flux_inpaint"] = replace(tf.TINY["flux_dev"], name="flux_inpaint",
+                                keys={**tf.TINY["flux_dev"].keys, "img_in.weight": (H, 96 * 2 * 2)})
 # Hunyuan-DiT 1.1+: its detector reads the full model's extra-embedder width, 3968 (pooled text, image size and
 # style inputs); the tiny model then builds its own, narrower one
 ARCHS["hydit1"] = replace(ARCHS["hydit"], name="hydit1", keys={**ARCHS["hydit"].keys, "extra_embedder.0.weight": (1, 3968)})
@@ -120,7 +123,8 @@ def _tiny_unet(cls) -> dict:
 CLASSES = {
     "SDXL": ("sdxl", {}), **{name: ("unet", {}) for name in (
         "SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SDXLRefiner",
-        "SSD1B", "KOALA_700M", "KOALA_1B", "Segmind_Vega", "SDXL_instructpix2pix")}, "Flux": ("flux_dev", {}), "FluxSchnell": ("flux_schnell", {}), "SD3": ("sd35", {}),
+        "SSD1B", "KOALA_700M", "KOALA_1B", "Segmind_Vega", "SDXL_instructpix2pix")}, "Flux": ("flux_dev", {}), "FluxSchnell": ("flux_schnell", {}),
+    "FluxInpaint": ("flux_inpaint", {}), "SD3": ("sd35", {}),
     "Lumina2": ("lumina2", {}), "ZImage": ("zimage", {}), "QwenImage": ("qwen_image", {}),
     "Flux2": ("flux2", {}),
     "LongCatImage": ("longcat", {}),

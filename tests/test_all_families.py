@@ -35,7 +35,7 @@ NOT_TINY = {
         "WAN22_WanDancer")},
     **{name: _GEN_VIDEO for name in
        ("HiDreamO1", "LTXAV", "Anima", "CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint",
-        "Stable_Cascade_C", "Stable_Cascade_B", "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
+        "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
         "ErnieImage", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},
     # not image or video generators
     **{name: "audio model" for name in ("StableAudio", "StableAudio3", "ACEStep", "ACEStep15", "MiniMaxMusic3")},
@@ -57,7 +57,7 @@ def test_every_class_of_the_host_is_covered_or_listed(comfy):
 
 def _sigma_and_t(patcher, fraction):
     """A sigma at `fraction` of the noise range and the paper's t there, by hand: 1000·sigma for the flow
-    samplings, 1000 times Cosmos's rectified-flow time sigma / (sigma + 1), for EDM (Cosmos 1) the sigma of
+    samplings, 1000 times the time Stable Cascade's sampling feeds its model and Cosmos's rectified-flow time sigma / (sigma + 1), for EDM (Cosmos 1) the sigma of
     ComfyUI's standard SD table at t, and a discrete sampling's own sigma table entry and its index otherwise
     (Wan FlowRVS predicts flow on the discrete SD table)."""
     import comfy.model_sampling as ms
@@ -65,6 +65,9 @@ def _sigma_and_t(patcher, fraction):
     sampling = patcher.model.model_sampling
     if isinstance(sampling, (ms.ModelSamplingDiscreteFlow, ms.ModelSamplingFlux)):
         return fraction, 1000 * fraction
+    if isinstance(sampling, ms.StableCascadeSampling):  # the time in [0, 1] it feeds the model (unshifted)
+        sigma = sampling.sigma(torch.tensor(fraction))
+        return float(sigma), 1000 * float(sampling.timestep(sigma))
     if isinstance(sampling, ms.ModelSamplingCosmosRFlow):  # Cosmos Predict2: its flow time is sigma / (sigma + 1)
         return fraction / (1 - fraction), 1000 * fraction
     if isinstance(sampling, ms.ModelSamplingContinuousEDM):  # no timesteps: SD's own table, at the same sigma

@@ -277,6 +277,9 @@ FAMILIES: tuple[Family, ...] = (
            "Mochi (qkv_x, and qkv_y reading the narrower text width; the T5 pooling's attention too)"),
     Family("LTXV", ("LTXV",), None, FLOW_DIT, "LTX-Video (residuals added in place)", inplace_residuals=True),
     Family("PixArt", ("PixArtAlpha",), None, NOISE_DIT, "PixArt α / Σ (noise prediction: the paper's recipe)"),
+    Family("StableCascade", ("Stable_Cascade_C",), None, NOISE_DIT,
+           "Stable Cascade stages C and B (Würstchen UNets; their attention blocks' to_q, to_k, to_v, out_proj): "
+           "noise prediction, the paper's recipe"),
     Family("Cosmos", ("CosmosT2V", "CosmosT2IPredict2"), None, NOISE_DIT,
            "Cosmos 1 (EDM) and Cosmos Predict2 (rectified flow in sigma / (sigma + 1)), text to and image to video: "
            "not CONST flow, so the paper's recipe, noise drawn from the model's own sigma table"),

@@ -100,6 +100,18 @@ ARCHS = {
     "cosmos_predict2": TinyFamily("cosmos_predict2", {"blocks.0.mlp.layer1.weight": (1, 1),
                                                       "x_embedder.proj.1.weight": (128, (16 + 1) * 4)},
                                   {"num_heads": 2, "crossattn_emb_channels": 64, "adaln_lora_dim": 32}, context=64),
+    # Stable Cascade stage C (the prior) and stage B (the decoder): two levels, attention on the second; stage C's
+    # image embedding stays at CLIP vision's 768 (ComfyUI gives zeros when there is no image); stage B reads the
+    # prior's effnet latents (zeros here, as ComfyUI gives without a prior) at 1/42 of its own 1/4-scale latents
+    "cascade_c": TinyFamily("cascade_c", {"clf.1.weight": (1, 1), "clip_txt_mapper.weight": (2048, 1)},
+                            {"c_cond": 64, "c_hidden": [64, 64], "nhead": [2, 2], "blocks": [[1, 1], [1, 1]],
+                             "block_repeat": [[1, 1], [1, 1]], "c_clip_text": 64, "c_clip_text_pooled": 32},
+                            context=64, pooled=32),
+    "cascade_b": TinyFamily("cascade_b", {"clf.1.weight": (1, 1), "clip_mapper.weight": (1, 1),
+                                          "down_blocks.1.0.channelwise.0.weight": (1, 640)},
+                            {"c_cond": 64, "c_hidden": [32, 64], "nhead": [-1, 2], "blocks": [[1, 1], [1, 1]],
+                             "block_repeat": [[1, 1], [1, 1]], "level_config": ["CT", "CTA"], "dropout": [0, 0],
+                             "c_clip": 32}, context=64, pooled=32, downscale=4),
 }
 # Flux Fill: the tiny Flux-dev with 96 input channels (latent, mask and masked image), read from img_in's width
 ARCHS["flux_inpaint"] = replace(tf.TINY["flux_dev"], name="flux_inpaint",
@@ -144,6 +156,7 @@ CLASSES = {
     "Chroma": ("chroma", {}), "ChromaRadiance": ("chroma_radiance", {}),
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
+    "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),
 }

@@ -28,7 +28,6 @@ NOT_TINY = {
        ("SVD_img2vid", "SV3D_u", "SV3D_p")},
     "Boogu": "Omnigen 2's successor with its own constructor (no text_feat_dim); its tiny config is not written yet",
     "HunyuanImage21Refiner": "HunyuanImage 2.1's refiner (3-D patches of 64 channels); HunyuanImage21 covers it",
-    "HunyuanVideo15_SR_Distilled": "HunyuanVideo 1.5's super-resolution stage (98 input channels)",
     **{name: "a Wan 2.1 variant whose forward needs its own control inputs (vace, camera, audio, pose, ...); "
              "WAN21_T2V / WAN21_I2V / WAN22_T2V cover the network" for name in
        ("WAN21_Vace", "WAN22_S2V", "WAN21_HuMo", "WAN22_Animate", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2",

@@ -142,6 +142,7 @@ CLASSES = {
     "LongCatImage": ("longcat", {}),
     "HunyuanVideo": ("hunyuan_video", {}),
     "HunyuanVideo15": ("hunyuan_video", {"vec_in_dim": None, "in_channels": 65, "out_channels": 32}),
+    "HunyuanVideo15_SR_Distilled": ("hunyuan_video", {"vec_in_dim": None, "in_channels": 98, "out_channels": 32}),
     "HunyuanImage21": ("hunyuan_video", {"in_channels": 64, "out_channels": 64, "patch_size": [1, 1],
                                          "axes_dim": [64, 64]}),
     "WAN21_T2V": ("wan", {}), "WAN21_I2V": ("wan", {}), "WAN22_T2V": ("wan", {"in_dim": 48}),

@@ -33,7 +33,7 @@ NOT_TINY = {
        ("WAN21_Vace", "WAN22_S2V", "WAN21_HuMo", "WAN22_Animate", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2",
         "WAN22_WanDancer")},
     **{name: _GEN_VIDEO for name in
-       ("HiDreamO1", "LTXAV", "Anima", "CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint",
+       ("HiDreamO1", "LTXAV", "Anima",
         "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
         "ErnieImage", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},
     # not image or video generators

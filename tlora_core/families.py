@@ -283,6 +283,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Cosmos", ("CosmosT2V", "CosmosT2IPredict2"), None, NOISE_DIT,
            "Cosmos 1 (EDM) and Cosmos Predict2 (rectified flow in sigma / (sigma + 1)), text to and image to video: "
            "not CONST flow, so the paper's recipe, noise drawn from the model's own sigma table"),
+    Family("CogVideoX", ("CogVideoX_T2V",), None, NOISE_DIT,
+           "CogVideoX text / image to video and inpainting (v-prediction on a DDPM table: the paper's recipe; q, k, v, "
+           "attn_out)"),
     Family("HunyuanDiT", ("HunyuanDiT",), None, NOISE_DIT,
            "Hunyuan-DiT 1.0 / 1.1+ (noise prediction: the paper's recipe; the mT5 pooling's attention too)"),
 )
@@ -336,7 +339,7 @@ def _rule_sites(rule: TargetRule, path: str, out_features: int, in_features: int
 # shapes. A Linear's role comes from its own name (the last path part; a trailing index such as
 # `to_out.0` names the Sequential around it): q, k, v, output, fused qkv or fused kv, under the spellings
 # ComfyUI's models use (to_q, q, q_proj, wq, w1q, to_query, add_q_proj, to_q_t, q_linear, qkv, Wqkv,
-# qkv_x, img_attn_qkv, kv_linear, o, out, proj, to_out, out_proj, output_proj, out_layer, ...). A module
+# qkv_x, img_attn_qkv, kv_linear, o, out, proj, to_out, out_proj, output_proj, out_layer, attn_out, ...). A module
 # is an attention when its projections hold q, k and v (separate or fused); then every projection it
 # holds is adapted, the text stream's too. A Flux-style single-stream block (linear1 = q, k, v and the
 # MLP, linear2 beside it) gets q, k, v of linear1.
@@ -347,7 +350,7 @@ _ROLES = (
     ("k", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:k|key)(?:_proj|_linear|_t|_x|_y|_img)?", re.I)),
     ("v", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:v|value)(?:_proj|_linear|_t|_x|_y|_img)?", re.I)),
     ("out", re.compile(r"(?:to_|add_|to_add_)?(?:w\d?o|o|out|proj|output)(?:_proj|_layer|_t|_x|_y)?|"
-                       r"(?:img|txt)_attn_proj", re.I)),
+                       r"(?:img|txt)_attn_proj|attn_out", re.I)),
 )
 _FEEDFORWARD = re.compile(r"(?:\w+_)?(?:mlp|ff|ffn|feed_forward|feedforward)(?:_\w+)?", re.I)
 _PARTS = {"qkv": QKV, "qkv_equal": QKV, "qkv_mlp": QKV, "kv": ("k", "v")}

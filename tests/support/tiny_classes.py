@@ -112,6 +112,10 @@ ARCHS = {
                             {"c_cond": 64, "c_hidden": [32, 64], "nhead": [-1, 2], "blocks": [[1, 1], [1, 1]],
                              "block_repeat": [[1, 1], [1, 1]], "level_config": ["CT", "CTA"], "dropout": [0, 0],
                              "c_clip": 32}, context=64, pooled=32, downscale=4),
+    # CogVideoX 1.0: width (6 x 128) and time width from block 0's norm, 64-wide heads, a 2 x 2 conv patch embedder
+    "cogvideox": TinyFamily("cogvideox", {"blocks.0.norm1.linear.weight": (6 * 128, 64),
+                                          "patch_embed.proj.weight": (128, 16, 2, 2),
+                                          "patch_embed.text_proj.weight": (128, 64)}, {}, context=64),
 }
 # Flux Fill: the tiny Flux-dev with 96 input channels (latent, mask and masked image), read from img_in's width
 ARCHS["flux_inpaint"] = replace(tf.TINY["flux_dev"], name="flux_inpaint",
@@ -157,6 +161,7 @@ CLASSES = {
     "Chroma": ("chroma", {}), "ChromaRadiance": ("chroma_radiance", {}),
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
+    **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),

@@ -35,7 +35,7 @@ NOT_TINY = {
     **{name: _GEN_VIDEO for name in
        ("HiDreamO1", "LTXAV", "Anima",
         "MageFlow", "JoyImage", "Ideogram4", "Krea2", "Lens",
-        "ErnieImage", "ZImagePixelSpace", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},
+        "ErnieImage", "PixelDiTT2I", "PiD", "MiniMaxH3", "SeedVR2")},
     # not image or video generators
     **{name: "audio model" for name in ("StableAudio", "StableAudio3", "ACEStep", "ACEStep15", "MiniMaxMusic3")},
     **{name: "3-D model" for name in ("Hunyuan3Dv2", "Hunyuan3Dv2_1", "Hunyuan3Dv2mini", "TripoSplat", "Trellis2")},

@@ -117,6 +117,14 @@ ARCHS = {
                                           "patch_embed.proj.weight": (128, 16, 2, 2),
                                           "patch_embed.text_proj.weight": (128, 64)}, {}, context=64),
 }
+# Z-Image in pixel space: the detector's Z-Image width (3840) to enter its branch, then the pixel decoder read from
+# its keys (8 x 8 RGB patches, 8 frequencies, one residual block of 64), shrunk like the tiny Z-Image
+_ZPX = 8 * 8 * 3
+ARCHS["zimage_pixel"] = replace(tf.TINY["zimage"], name="zimage_pixel", downscale=1, keys={
+    **tf.TINY["zimage"].keys, "cap_embedder.1.weight": (3840, 64), "x_embedder.weight": (1, _ZPX),
+    "dec_net.final_layer.linear.weight": (_ZPX, 1), "dec_net.input_embedder.embedder.0.weight": (1, _ZPX + 8 * 8),
+    "dec_net.cond_embed.weight": (64, 1), "dec_net.res_blocks.0.x": (1,)},
+    overrides={**tf.TINY["zimage"].overrides, "dim": 256})
 # Flux Fill: the tiny Flux-dev with 96 input channels (latent, mask and masked image), read from img_in's width
 ARCHS["flux_inpaint"] = replace(tf.TINY["flux_dev"], name="flux_inpaint",
                                 keys={**tf.TINY["flux_dev"].keys, "img_in.weight": (H, 96 * 2 * 2)})
@@ -162,6 +170,7 @@ CLASSES = {
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
     **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
+    "ZImagePixelSpace": ("zimage_pixel", {}),
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),

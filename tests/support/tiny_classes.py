@@ -116,6 +116,10 @@ ARCHS = {
     "cogvideox": TinyFamily("cogvideox", {"blocks.0.norm1.linear.weight": (6 * 128, 64),
                                           "patch_embed.proj.weight": (128, 16, 2, 2),
                                           "patch_embed.text_proj.weight": (128, 64)}, {}, context=64),
+    # ERNIE-Image: its detector fixes nothing but the model (the class's defaults are the full model's sizes)
+    "ernie": TinyFamily("ernie", {"layers.0.mlp.linear_fc2.weight": (1, 1)},
+                        {"hidden_size": 256, "num_attention_heads": 2, "num_layers": 1, "ffn_hidden_size": 512,
+                         "text_in_dim": 64}, context=64),
 }
 # Z-Image in pixel space: the detector's Z-Image width (3840) to enter its branch, then the pixel decoder read from
 # its keys (8 x 8 RGB patches, 8 frequencies, one residual block of 64), shrunk like the tiny Z-Image
@@ -125,6 +129,10 @@ ARCHS["zimage_pixel"] = replace(tf.TINY["zimage"], name="zimage_pixel", downscal
     "dec_net.final_layer.linear.weight": (_ZPX, 1), "dec_net.input_embedder.embedder.0.weight": (1, _ZPX + 8 * 8),
     "dec_net.cond_embed.weight": (64, 1), "dec_net.res_blocks.0.x": (1,)},
     overrides={**tf.TINY["zimage"].overrides, "dim": 256})
+# Wan 2.1 VACE: the tiny Wan with one VACE block, its control embedder read from its keys (96 channels: ComfyUI
+# gives zero control frames and a full mask when there are none)
+ARCHS["wan_vace"] = replace(ARCHS["wan"], name="wan_vace", keys={
+    **ARCHS["wan"].keys, "vace_patch_embedding.weight": (H, 96, 1, 2, 2), "vace_blocks.0.x": (1,)})
 # Flux Fill: the tiny Flux-dev with 96 input channels (latent, mask and masked image), read from img_in's width
 ARCHS["flux_inpaint"] = replace(tf.TINY["flux_dev"], name="flux_inpaint",
                                 keys={**tf.TINY["flux_dev"].keys, "img_in.weight": (H, 96 * 2 * 2)})
@@ -160,6 +168,8 @@ CLASSES = {
     "WAN21_T2V": ("wan", {}), "WAN21_I2V": ("wan", {}), "WAN22_T2V": ("wan", {"in_dim": 48}),
     "WAN21_FlowRVS": ("wan", {}), "WAN21_CausalAR_T2V": ("wan", {}), "WAN21_FunControl2V": ("wan", {}),
     "WAN21_Camera": ("wan", {}), "WAN22_Camera": ("wan", {}),
+    "WAN21_Vace": ("wan_vace", {}),
+    **{name: ("wan", {}) for name in ("WAN21_HuMo", "WAN22_Animate", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2")},
     "HunyuanVideoI2V": ("hunyuan_video", {}), "HunyuanVideoSkyreelsI2V": ("hunyuan_video", {}),
     "Kandinsky5": ("kandinsky5", {}), "Kandinsky5Image": ("kandinsky5", {"axes_dims": (16, 24, 24)}),
     "AuraFlow": ("aura", {}),
@@ -170,7 +180,7 @@ CLASSES = {
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
     **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
-    "ZImagePixelSpace": ("zimage_pixel", {}),
+    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}),
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),
@@ -204,11 +214,13 @@ def spec_for(class_name: str) -> TinyFamily:
     return replace(base, name=class_name, overrides=overrides, config_class=class_name, frames=frames)
 
 
-# Classes whose network, on some hosts, calls a fused kernel that has no backward (comfy_kitchen's inference-only
-# RMS-norm + RoPE), so that no training can pass through it: class -> (the network's module, the kernel). On a host
-# whose module calls it the class is left out of host_classes(), and the test checks that training fails there.
-NO_BACKWARD = {name: ("comfy.ldm.cosmos.predict2", "rms_rope_split_half")
-               for name in ("CosmosT2IPredict2", "CosmosI2VPredict2")}
+# Classes whose network, on some hosts, calls a comfy_kitchen kernel that has no backward (its inference-only fused
+# RMS-norm + RoPE or RoPE) even while ComfyUI's in_training flag is up, so that no training can pass through it:
+# class -> (the network's module, the kernel). On a host whose module calls it the class is left out of
+# host_classes(), and the test checks that training fails there for that reason.
+NO_BACKWARD = {**{name: ("comfy.ldm.cosmos.predict2", "rms_rope_split_half")
+                  for name in ("CosmosT2IPredict2", "CosmosI2VPredict2")},
+               "ErnieImage": ("comfy.ldm.ernie.model", "apply_rope_split_half")}
 
 
 def kernel_without_backward(class_name: str) -> str:

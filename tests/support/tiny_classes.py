@@ -120,6 +120,12 @@ ARCHS = {
     "ernie": TinyFamily("ernie", {"layers.0.mlp.linear_fc2.weight": (1, 1)},
                         {"hidden_size": 256, "num_attention_heads": 2, "num_layers": 1, "ffn_hidden_size": 512,
                          "text_in_dim": 64}, context=64),
+    # Krea 2: width and input channels from `first`, heads of 128 from wq / wk (grouped-query: one k, v head), two
+    # text layers of 64 fused by its projector; the context packs the text layers side by side (2 x 64)
+    "krea2": TinyFamily("krea2", {"txtfusion.projector.weight": (1, 2), "first.weight": (H, 16 * 2 * 2),
+                                  "blocks.0.attn.wq.weight": (H, 1), "blocks.0.attn.wk.weight": (128, 1),
+                                  "txtfusion.layerwise_blocks.0.prenorm.scale": (64,)},
+                        {"txtheads": 2, "txtkvheads": 2}, context=2 * 64),
 }
 # Z-Image in pixel space: the detector's Z-Image width (3840) to enter its branch, then the pixel decoder read from
 # its keys (8 x 8 RGB patches, 8 frequencies, one residual block of 64), shrunk like the tiny Z-Image
@@ -180,7 +186,7 @@ CLASSES = {
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
     **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
-    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}),
+    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}),
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),

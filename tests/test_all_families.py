@@ -26,7 +26,6 @@ NOT_TINY = {
     "Stable_Zero123": "builds its cc_projection from checkpoint weights (get_model reads them from the state dict)",
     **{name: "a video UNet at full width (model_channels 320 is a detection key)" for name in
        ("SVD_img2vid", "SV3D_u", "SV3D_p")},
-    "Boogu": "Omnigen 2's successor with its own constructor (no text_feat_dim); its tiny config is not written yet",
     "HunyuanImage21Refiner": "HunyuanImage 2.1's refiner (3-D patches of 64 channels); HunyuanImage21 covers it",
     "WAN22_S2V": "the generic rule also adapts its audio injector's attention (48 of the tiny build's 56 adapters), "
                  "which only audio_embed reaches; giving it audio features is not done yet (the Wan rows cover the blocks)",

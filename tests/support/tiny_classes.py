@@ -126,6 +126,14 @@ ARCHS = {
                                   "blocks.0.attn.wq.weight": (H, 1), "blocks.0.attn.wk.weight": (128, 1),
                                   "txtfusion.layerwise_blocks.0.prenorm.scale": (64,)},
                         {"txtheads": 2, "txtkvheads": 2}, context=2 * 64),
+    # Boogu: Omnigen 2's successor; width, layer counts and instruction width from its keys, then Omnigen 2's tiny
+    # heads (3 of 40, one k, v head)
+    "boogu": TinyFamily("boogu", {"double_stream_layers.0.img_instruct_attn.processor.img_to_q.weight": (1, 1),
+                                  "x_embedder.weight": (120, 1), "single_stream_layers.0.x": (1,),
+                                  "noise_refiner.0.x": (1,), "time_caption_embed.caption_embedder.0.weight": (64,)},
+                        {"num_attention_heads": 3, "num_kv_heads": 1, "axes_dim_rope": [8, 16, 16],
+                         "axes_lens": [300, 64, 64], "multiple_of": 32}, context=64,
+                        extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
 }
 # Z-Image in pixel space: the detector's Z-Image width (3840) to enter its branch, then the pixel decoder read from
 # its keys (8 x 8 RGB patches, 8 frequencies, one residual block of 64), shrunk like the tiny Z-Image
@@ -186,7 +194,7 @@ CLASSES = {
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
     **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
-    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}),
+    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}), "Boogu": ("boogu", {}),
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),

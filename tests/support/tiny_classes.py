@@ -134,6 +134,10 @@ ARCHS = {
                         {"num_attention_heads": 3, "num_kv_heads": 1, "axes_dim_rope": [8, 16, 16],
                          "axes_lens": [300, 64, 64], "multiple_of": 32}, context=64,
                         extra_cond={"attention_mask": torch.ones(1, 8, dtype=torch.long)}),
+    # Mage-Flow: told from Qwen-Image by its 2560-wide text norm and 128-channel output; then two heads of 128
+    "mage_flow": TinyFamily("mage_flow", {"txt_norm.weight": (2560,), "proj_out.weight": (128, 1),
+                                          "transformer_blocks.0.x": (1,)},
+                            {"num_attention_heads": 2, "joint_attention_dim": 64}, context=64),
 }
 # Z-Image in pixel space: the detector's Z-Image width (3840) to enter its branch, then the pixel decoder read from
 # its keys (8 x 8 RGB patches, 8 frequencies, one residual block of 64), shrunk like the tiny Z-Image
@@ -194,7 +198,7 @@ CLASSES = {
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
     **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
-    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}), "Boogu": ("boogu", {}),
+    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}), "Boogu": ("boogu", {}), "MageFlow": ("mage_flow", {}),
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),

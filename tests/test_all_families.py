@@ -38,7 +38,7 @@ NOT_TINY = {
     "Ideogram4": "its config class sets the full widths in unet_extra_config over any detected config (18 heads of "
                  "256, MLP 12288, LLM features 53248): one layer alone is about half a billion parameters",
     **{name: _GEN_VIDEO for name in
-       ("HiDreamO1", "LTXAV", "JoyImage", "Lens", "PixelDiTT2I", "PiD", "SeedVR2")},
+       ("HiDreamO1", "LTXAV", "JoyImage", "PixelDiTT2I", "PiD", "SeedVR2")},
     # not image or video generators
     **{name: "audio model" for name in ("StableAudio", "StableAudio3", "ACEStep", "ACEStep15", "MiniMaxMusic3")},
     **{name: "3-D model" for name in ("Hunyuan3Dv2", "Hunyuan3Dv2_1", "Hunyuan3Dv2mini", "TripoSplat", "Trellis2")},

@@ -138,6 +138,10 @@ ARCHS = {
     "mage_flow": TinyFamily("mage_flow", {"txt_norm.weight": (2560,), "proj_out.weight": (128, 1),
                                           "transformer_blocks.0.x": (1,)},
                             {"num_attention_heads": 2, "joint_attention_dim": 64}, context=64),
+    # Lens: heads of 64 from img_in's width (2), input / output channels from img_in / proj_out, one text layer of 64
+    "lens": TinyFamily("lens", {"transformer_blocks.0.attn.norm_added_q.weight": (1,),
+                                "transformer_blocks.0.img_mlp.w1.weight": (1, 1), "img_in.weight": (128, 128),
+                                "proj_out.weight": (32 * 4, 1), "txt_norm.weight": (64,)}, {}, context=64),
 }
 # Z-Image in pixel space: the detector's Z-Image width (3840) to enter its branch, then the pixel decoder read from
 # its keys (8 x 8 RGB patches, 8 frequencies, one residual block of 64), shrunk like the tiny Z-Image
@@ -198,7 +202,7 @@ CLASSES = {
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
     **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
-    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}), "Boogu": ("boogu", {}), "MageFlow": ("mage_flow", {}),
+    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}), "Boogu": ("boogu", {}), "MageFlow": ("mage_flow", {}), "Lens": ("lens", {}),
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),

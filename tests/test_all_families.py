@@ -38,7 +38,7 @@ NOT_TINY = {
     "Ideogram4": "its config class sets the full widths in unet_extra_config over any detected config (18 heads of "
                  "256, MLP 12288, LLM features 53248): one layer alone is about half a billion parameters",
     **{name: _GEN_VIDEO for name in
-       ("HiDreamO1", "LTXAV", "JoyImage", "PixelDiTT2I", "PiD", "SeedVR2")},
+       ("HiDreamO1", "LTXAV", "PixelDiTT2I", "PiD", "SeedVR2")},
     # not image or video generators
     **{name: "audio model" for name in ("StableAudio", "StableAudio3", "ACEStep", "ACEStep15", "MiniMaxMusic3")},
     **{name: "3-D model" for name in ("Hunyuan3Dv2", "Hunyuan3Dv2_1", "Hunyuan3Dv2mini", "TripoSplat", "Trellis2")},
@@ -104,8 +104,8 @@ def trained(request, tmp_path_factory):
 
 @pytest.mark.parametrize("name", tc.host_classes_without_backward())
 def test_a_class_whose_kernel_has_no_backward_on_this_host_fails_to_train_for_that_reason(name, tmp_path):
-    """Where the host's network calls a kernel without a backward (0.33.0's Cosmos Predict2 and ERNIE-Image call
-    comfy_kitchen's RMS-norm + RoPE or RoPE even in training), training stops at that kernel; once it has a
+    """Where the host's network calls a kernel without a backward (0.33.0's Cosmos Predict2, ERNIE-Image and JoyImage
+    call comfy_kitchen's RMS-norm + RoPE or RoPE even in training), training stops at that kernel; once it has a
     backward, this fails and the class belongs with the others."""
     kernel = tc.kernel_without_backward(name)
     with pytest.raises(RuntimeError, match=f"backward through comfy_kitchen.{kernel}.*no autograd formula"):

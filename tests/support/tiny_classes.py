@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import replace
 
 import torch
@@ -142,6 +143,11 @@ ARCHS = {
     "lens": TinyFamily("lens", {"transformer_blocks.0.attn.norm_added_q.weight": (1,),
                                 "transformer_blocks.0.img_mlp.w1.weight": (1, 1), "img_in.weight": (128, 128),
                                 "proj_out.weight": (32 * 4, 1), "txt_norm.weight": (64,)}, {}, context=64),
+    # JoyImage: its config class fixes rope axes of 128, so two heads of 128 (read from the q norm and img_in)
+    "joyimage": TinyFamily("joyimage", {"double_blocks.0.attn.img_attn_qkv.weight": (1, 1),
+                                        "double_blocks.0.attn.img_attn_q_norm.weight": (128,),
+                                        "condition_embedder.time_embedder.linear_1.weight": (1, 1),
+                                        "img_in.weight": (H, 16, 1, 2, 2)}, {"text_dim": 64}, context=64),
 }
 # Z-Image in pixel space: the detector's Z-Image width (3840) to enter its branch, then the pixel decoder read from
 # its keys (8 x 8 RGB patches, 8 frequencies, one residual block of 64), shrunk like the tiny Z-Image
@@ -202,7 +208,7 @@ CLASSES = {
     "GenmoMochi": ("mochi", {}), "LTXV": ("ltxv", {}),
     "HunyuanDiT": ("hydit", {}), "HunyuanDiT1": ("hydit1", {}),
     **{name: ("cogvideox", {}) for name in ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint")},
-    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}), "Boogu": ("boogu", {}), "MageFlow": ("mage_flow", {}), "Lens": ("lens", {}),
+    "ZImagePixelSpace": ("zimage_pixel", {}), "ErnieImage": ("ernie", {}), "Krea2": ("krea2", {}), "Boogu": ("boogu", {}), "MageFlow": ("mage_flow", {}), "Lens": ("lens", {}), "JoyImage": ("joyimage", {}),
     "Stable_Cascade_C": ("cascade_c", {}), "Stable_Cascade_B": ("cascade_b", {}),
     "CosmosT2V": ("cosmos", {}), "CosmosI2V": ("cosmos", {}),
     "CosmosT2IPredict2": ("cosmos_predict2", {}), "CosmosI2VPredict2": ("cosmos_predict2", {}),
@@ -242,7 +248,8 @@ def spec_for(class_name: str) -> TinyFamily:
 # host_classes(), and the test checks that training fails there for that reason.
 NO_BACKWARD = {**{name: ("comfy.ldm.cosmos.predict2", "rms_rope_split_half")
                   for name in ("CosmosT2IPredict2", "CosmosI2VPredict2")},
-               "ErnieImage": ("comfy.ldm.ernie.model", "apply_rope_split_half")}
+               "ErnieImage": ("comfy.ldm.ernie.model", "apply_rope_split_half"),
+               "JoyImage": ("comfy.ldm.joyimage.model", "rms_rope")}
 
 
 def kernel_without_backward(class_name: str) -> str:
@@ -250,7 +257,8 @@ def kernel_without_backward(class_name: str) -> str:
     if class_name not in NO_BACKWARD:
         return ""
     module, kernel = NO_BACKWARD[class_name]
-    return kernel if f"ck.{kernel}(" in inspect.getsource(importlib.import_module(module)) else ""
+    source = inspect.getsource(importlib.import_module(module))
+    return kernel if re.search(rf"\b(?:ck|comfy_kitchen)\.{kernel}\(", source) else ""
 
 
 def _host_names() -> set[str]:

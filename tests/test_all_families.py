@@ -22,7 +22,6 @@ RANK, MIN_RANK = 4, 1
 
 _GEN_VIDEO = "a generator whose tiny build needs its own conditioning inputs (not done yet)"
 NOT_TINY = {
-    "SD_X4Upscaler": "its UNet's noise-level input (num_classes 1000 + a low-res concat) has no tiny config here",
     "Stable_Zero123": "builds its cc_projection from checkpoint weights (get_model reads them from the state dict)",
     **{name: "a video UNet at full width (model_channels 320 is a detection key)" for name in
        ("SVD_img2vid", "SV3D_u", "SV3D_p")},

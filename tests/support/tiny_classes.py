@@ -183,7 +183,10 @@ def _tiny_unet(cls) -> dict:
 CLASSES = {
     "SDXL": ("sdxl", {}), **{name: ("unet", {}) for name in (
         "SD15", "SD15_instructpix2pix", "SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SDXLRefiner",
-        "SSD1B", "KOALA_700M", "KOALA_1B", "Segmind_Vega", "SDXL_instructpix2pix")}, "Flux": ("flux_dev", {}), "FluxSchnell": ("flux_schnell", {}),
+        "SSD1B", "KOALA_700M", "KOALA_1B", "Segmind_Vega", "SDXL_instructpix2pix")},
+    # the x4 upscaler's class sets self-attention off per level for its four levels: four one-block levels
+    "SD_X4Upscaler": ("unet", {"channel_mult": [1, 1, 1, 1], "num_res_blocks": [1] * 4,
+                               "transformer_depth": [1] * 4, "transformer_depth_output": [1] * 8}), "Flux": ("flux_dev", {}), "FluxSchnell": ("flux_schnell", {}),
     "FluxInpaint": ("flux_inpaint", {}), "SD3": ("sd35", {}),
     "Lumina2": ("lumina2", {}), "ZImage": ("zimage", {}), "QwenImage": ("qwen_image", {}),
     "Flux2": ("flux2", {}),
@@ -232,7 +235,7 @@ def spec_for(class_name: str) -> TinyFamily:
         return replace(tf.TINY[arch], config_class=class_name)
     cls = getattr(comfy.supported_models, class_name)
     if arch == "unet":
-        unet = _tiny_unet(cls)
+        unet = {**_tiny_unet(cls), **changes}
         pooled = 1280 if (unet["adm_in_channels"] or 0) >= 2560 else 0  # SD-XL's pooled text in its ADM input
         return TinyFamily(class_name, {}, {}, context=unet["context_dim"], pooled=pooled, config_class=class_name,
                           unet_config=unet)

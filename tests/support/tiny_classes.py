@@ -97,10 +97,12 @@ ARCHS = {
                                     "x_embedder.proj.1.weight": (128, (16 + 1) * 4)},
                          {"num_blocks": 1, "num_heads": 2, "crossattn_emb_channels": 64, "adaln_lora_dim": 32},
                          context=64),
-    # Cosmos Predict2 (rectified flow): width and input channels from the embedder, blocks counted
+    # Cosmos Predict2 (rectified flow): width and input channels from the embedder; one block (0.33.0 counts the
+    # blocks, 0.3.75's detector leaves the constructor's 10)
     "cosmos_predict2": TinyFamily("cosmos_predict2", {"blocks.0.mlp.layer1.weight": (1, 1),
                                                       "x_embedder.proj.1.weight": (128, (16 + 1) * 4)},
-                                  {"num_heads": 2, "crossattn_emb_channels": 64, "adaln_lora_dim": 32}, context=64),
+                                  {"num_blocks": 1, "num_heads": 2, "crossattn_emb_channels": 64, "adaln_lora_dim": 32},
+                                  context=64),
     # Stable Cascade stage C (the prior) and stage B (the decoder): two levels, attention on the second; stage C's
     # image embedding stays at CLIP vision's 768 (ComfyUI gives zeros when there is no image); stage B reads the
     # prior's effnet latents (zeros here, as ComfyUI gives without a prior) at 1/42 of its own 1/4-scale latents

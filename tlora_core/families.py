@@ -272,11 +272,24 @@ FAMILIES: tuple[Family, ...] = (
     Family("HiDream", ("HiDream",), None, FLOW_DIT, "image and text streams' q, k, v, out"),
     Family("Kandinsky5", ("Kandinsky5",), None, FLOW_DIT, "Kandinsky 5 image and video"),
     Family("AuraFlow", ("AuraFlow",), None, FLOW_DIT, "MMDiT with w1q/w2q ... projections"),
-    Family("Omnigen2", ("Omnigen2",), None, FLOW_DIT, "Omnigen 2"),
-    Family("GenmoMochi", ("GenmoMochi",), None, FLOW_DIT, "Mochi (qkv_x, qkv_y of another width)"),
-    Family("LTXV", ("LTXV",), None, FLOW_DIT, "LTX-Video"),
+    Family("Omnigen2", ("Omnigen2",), None, FLOW_DIT,
+           "Omnigen 2 and Boogu (Boogu's joint attention: the image and instruction streams' q, k, v and outputs; "
+           "the shared to_out after them sits outside that module and is not adapted)"),
+    Family("GenmoMochi", ("GenmoMochi",), None, FLOW_DIT,
+           "Mochi (qkv_x, and qkv_y reading the narrower text width; the T5 pooling's attention too)"),
+    Family("LTXV", ("LTXV",), None, FLOW_DIT, "LTX-Video (residuals added in place)", inplace_residuals=True),
     Family("PixArt", ("PixArtAlpha",), None, NOISE_DIT, "PixArt α / Σ (noise prediction: the paper's recipe)"),
-    Family("HunyuanDiT", ("HunyuanDiT",), None, NOISE_DIT, "Hunyuan-DiT (noise prediction: the paper's recipe)"),
+    Family("StableCascade", ("Stable_Cascade_C",), None, NOISE_DIT,
+           "Stable Cascade stages C and B (Würstchen UNets; their attention blocks' to_q, to_k, to_v, out_proj): "
+           "noise prediction, the paper's recipe"),
+    Family("Cosmos", ("CosmosT2V", "CosmosT2IPredict2"), None, NOISE_DIT,
+           "Cosmos 1 (EDM) and Cosmos Predict2 (rectified flow in sigma / (sigma + 1)), text to and image to video: "
+           "not CONST flow, so the paper's recipe, noise drawn from the model's own sigma table"),
+    Family("CogVideoX", ("CogVideoX_T2V",), None, NOISE_DIT,
+           "CogVideoX text / image to video and inpainting (v-prediction on a DDPM table: the paper's recipe; q, k, v, "
+           "attn_out)"),
+    Family("HunyuanDiT", ("HunyuanDiT",), None, NOISE_DIT,
+           "Hunyuan-DiT 1.0 / 1.1+ (noise prediction: the paper's recipe; the mT5 pooling's attention too)"),
 )
 TARGET_SETS = ("attention", "attention+feedforward")
 
@@ -328,18 +341,21 @@ def _rule_sites(rule: TargetRule, path: str, out_features: int, in_features: int
 # shapes. A Linear's role comes from its own name (the last path part; a trailing index such as
 # `to_out.0` names the Sequential around it): q, k, v, output, fused qkv or fused kv, under the spellings
 # ComfyUI's models use (to_q, q, q_proj, wq, w1q, to_query, add_q_proj, to_q_t, q_linear, qkv, Wqkv,
-# qkv_x, img_attn_qkv, kv_linear, o, out, proj, to_out, out_proj, output_proj, out_layer, ...). A module
+# qkv_x, img_attn_qkv, kv_linear, img_to_q, instruct_to_q, o, out, proj, to_out, out_proj, output_proj, out_layer,
+# attn_out, img_out, ...). A module
 # is an attention when its projections hold q, k and v (separate or fused); then every projection it
 # holds is adapted, the text stream's too. A Flux-style single-stream block (linear1 = q, k, v and the
 # MLP, linear2 beside it) gets q, k, v of linear1.
 _ROLES = (
     ("qkv", re.compile(r"(?:\w+_)?w?qkv(?:_\w+)?", re.I)),
     ("kv", re.compile(r"(?:to_|add_)?w?kv(?:_proj|_linear)?", re.I)),
-    ("q", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:q|query)(?:_proj|_linear|_t|_x|_y)?", re.I)),
-    ("k", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:k|key)(?:_proj|_linear|_t|_x|_y|_img)?", re.I)),
-    ("v", re.compile(r"(?:to_|add_|linear_)?(?:w\d?)?(?:v|value)(?:_proj|_linear|_t|_x|_y|_img)?", re.I)),
+    ("q", re.compile(r"(?:img_|instruct_)?(?:to_|add_|linear_)?(?:w\d?)?(?:q|query)(?:_proj|_linear|_t|_x|_y)?", re.I)),
+    ("k", re.compile(r"(?:img_|instruct_)?(?:to_|add_|linear_)?(?:w\d?)?(?:k|key)(?:_proj|_linear|_t|_x|_y|_img)?",
+                     re.I)),
+    ("v", re.compile(r"(?:img_|instruct_)?(?:to_|add_|linear_)?(?:w\d?)?(?:v|value)(?:_proj|_linear|_t|_x|_y|_img)?",
+                     re.I)),
     ("out", re.compile(r"(?:to_|add_|to_add_)?(?:w\d?o|o|out|proj|output)(?:_proj|_layer|_t|_x|_y)?|"
-                       r"(?:img|txt)_attn_proj", re.I)),
+                       r"(?:img|txt)_attn_proj|attn_out|(?:img|instruct)_out", re.I)),
 )
 _FEEDFORWARD = re.compile(r"(?:\w+_)?(?:mlp|ff|ffn|feed_forward|feedforward)(?:_\w+)?", re.I)
 _PARTS = {"qkv": QKV, "qkv_equal": QKV, "qkv_mlp": QKV, "kv": ("k", "v")}

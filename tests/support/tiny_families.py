@@ -28,6 +28,10 @@ class TinyFamily:
     config_class: str = ""  # force this supported_models class (Z-Image's is chosen by width alone)
     frames: bool = False    # latents carry a time axis, [batch, channels, 1, height, width] (Wan's format)
     unet_config: dict = field(default_factory=dict)  # a full config instead of the detector's (with config_class)
+    downscale: int = 8      # image pixels per latent cell along each side (1: a pixel-space model)
+    # parameters (name suffixes) set to 1 after the random init, e.g. RMS-norm scales that would otherwise be drawn
+    # as small vectors and shrink a head's output until a T-LoRA's effect is lost in rounding
+    ones: tuple = ()
 
 
 H = 256  # Flux / Qwen head dim is fixed at 128 by their rope axes: 2 heads
@@ -113,6 +117,7 @@ def build_spec(spec: TinyFamily, seed: int = 0, weight_dtype: torch.dtype = torc
     model = model_config.get_model({}, "", device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     values = _random_state_dict(model.diffusion_model, gen)
+    values.update({k: torch.ones_like(v) for k, v in values.items() if k.endswith(spec.ones)})
     with torch.no_grad():
         for key, param in model.diffusion_model.state_dict().items():
             if key in values:
@@ -136,21 +141,22 @@ def conditioning(spec: TinyFamily, seed: int = 0, tokens: int = 8):
 def latent_shape(patcher, spec: TinyFamily, n: int, size: int) -> tuple:
     """The shape of n latents of a size x size px image for this model."""
     channels = patcher.model.latent_format.latent_channels
-    return (n, channels, 1, size // 8, size // 8) if spec.frames else (n, channels, size // 8, size // 8)
+    side = size // spec.downscale
+    return (n, channels, 1, side, side) if spec.frames else (n, channels, side, side)
 
 
 def stub_vae(patcher, spec: TinyFamily, seed: int = 0):
-    """A VAE stand-in: encode() gives fixed random latents of the model's channels at 1/8 size (height and
-    width: a wide image gives wide latents); decode()
-    an image that depends on every latent value (the first three channels, squashed, 8x nearest), with a
+    """A VAE stand-in: encode() gives fixed random latents of the model's channels at 1/downscale size (height
+    and width: a wide image gives wide latents); decode()
+    an image that depends on every latent value (the first three channels, squashed, nearest), with a
     frame axis for latents that have one, as ComfyUI's video-capable VAEs return."""
     def encode(pixels):
         gen = torch.Generator().manual_seed(seed)
-        shape = latent_shape(patcher, spec, pixels.shape[0], pixels.shape[1])[:-1] + (pixels.shape[2] // 8,)
+        shape = latent_shape(patcher, spec, pixels.shape[0], pixels.shape[1])[:-1] + (pixels.shape[2] // spec.downscale,)
         return torch.randn(shape, generator=gen)
 
     def decode(latents):
         rgb = torch.sigmoid(0.25 * (latents[:, :3] + latents.mean(dim=1, keepdim=True)))
-        rgb = rgb.repeat_interleave(8, dim=-1).repeat_interleave(8, dim=-2)
+        rgb = rgb.repeat_interleave(spec.downscale, dim=-1).repeat_interleave(spec.downscale, dim=-2)
         return rgb.movedim(1, -1)  # [n, (frames,) H, W, 3]
     return types.SimpleNamespace(encode=encode, decode=decode)

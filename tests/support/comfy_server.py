@@ -83,6 +83,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.process = None
         self._log = None
+        self.startup_log = ""  # the log as it stood when the server first answered (its import phase)
 
     # ---- lifetime --------------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class ComfyServer:
                                        + self.log_tail())
             try:
                 self._request("GET", "/system_stats", timeout=2)
+                self.startup_log = self.log_text()
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)

@@ -40,13 +40,14 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from memory_counts import AllocatorPeak  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
@@ -234,47 +235,6 @@ def nbytes(tensors) -> int:
 
 # ---------------------------------------------------------------- measuring
 
-class PeakMemory:
-    """Peak memory above a baseline: RSS sampled in a thread on the CPU, the allocator's peak on CUDA."""
-
-    def __init__(self, device: str, interval: float = 0.002):
-        import psutil
-        self.device, self.interval, self.proc = device, interval, psutil.Process()
-        self.baseline = self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def current(self) -> int:
-        return torch.cuda.memory_allocated() if self.device == "cuda" else self.proc.memory_info().rss
-
-    def start(self):
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        self.baseline = self.peak = self.current()
-        if self.device != "cuda":
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        """Peak bytes above the baseline."""
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.current())
-        return self.peak - self.baseline
-
-
 @dataclass
 class Setup:
     """What differs between the two model families of this benchmark, in one place."""
@@ -388,10 +348,11 @@ def memory_worker(setup: Setup, variant: str, latent: int, steps: int) -> dict:
     """Peak memory of one variant, alone in this process: base model built first, then probe, adapter, sampling."""
     device = device_kind()
     base = setup.build(device)
-    memory = PeakMemory(device).start()
+    memory = AllocatorPeak(device).start()
     patchers, sizes = make_patchers(base, setup, [variant], {})
     out, _, _ = sample_once(patchers[variant], setup, latent, steps, device)
-    return {"variant": variant, "peak_bytes": memory.stop(), "adapter_bytes": sizes[variant],
+    peak = memory.stop()  # peak RSS on the CPU (the measure of this file's tables), the allocator's on CUDA
+    return {"variant": variant, "peak_bytes": peak.get("rss", peak["allocator"]), "adapter_bytes": sizes[variant],
             "finite": bool(torch.isfinite(out).all())}
 
 

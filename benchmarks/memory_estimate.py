@@ -227,7 +227,8 @@ SUBJECTS = (
                                        "text_embedding_mask_t5": ("ones", (1, 256)), "image_meta_size": (1, 6)}),
     # CogVideoX 5B, ComfyUI 0.33.0 only: THUDM/CogVideoX-5b transformer/config.json: 42 layers, 48 heads x 64 = 3072,
     # time embedding 512, 16 latent channels of an 8x spatial VAE in 2x2 patches, rotary positions (no learned
-    # table), T5-XXL text 226 x 4096.
+    # table), T5-XXL text 226 x 4096. The detector reads both widths from block 0's norm: its shape comes after the
+    # block list, whose placeholder shapes would replace it.
     Subject("cogvideox_5b", "CogVideoX 5B, one frame", "CogVideoX",
             {**_blocks("blocks.{}.norm1.linear.weight", 42), "blocks.0.norm1.linear.weight": (6 * 3072, 512),
              "patch_embed.proj.weight": (3072, 16, 2, 2), "patch_embed.text_proj.weight": (3072, 4096)}, (16, 8),

@@ -225,6 +225,39 @@ SUBJECTS = (
              "extra_embedder.0.weight": (5632, 1280), **_blocks("blocks.{}.attn1.Wqkv.weight", 40)}, (4, 8),
             context=(77, 1024), extra={"text_embedding_mask": ("ones", (1, 77)), "encoder_hidden_states_t5": (1, 256, 2048),
                                        "text_embedding_mask_t5": ("ones", (1, 256)), "image_meta_size": (1, 6)}),
+    # CogVideoX 5B, ComfyUI 0.33.0 only: THUDM/CogVideoX-5b transformer/config.json: 42 layers, 48 heads x 64 = 3072,
+    # time embedding 512, 16 latent channels of an 8x spatial VAE in 2x2 patches, rotary positions (no learned
+    # table), T5-XXL text 226 x 4096. The detector reads both widths from block 0's norm: its shape comes after the
+    # block list, whose placeholder shapes would replace it.
+    Subject("cogvideox_5b", "CogVideoX 5B, one frame", "CogVideoX",
+            {**_blocks("blocks.{}.norm1.linear.weight", 42), "blocks.0.norm1.linear.weight": (6 * 3072, 512),
+             "patch_embed.proj.weight": (3072, 16, 2, 2), "patch_embed.text_proj.weight": (3072, 4096)}, (16, 8),
+            frames=True, context=(226, 4096), env="0.33.0"),
+    # Cosmos 1 Text2World 7B and 14B: the detector fixes nvidia/Cosmos-1.0-Diffusion-{7B,14B}-Text2World's configs
+    # from the width (4096: 28 blocks, 32 heads; 5120: 36 blocks, 40 heads) and reads the latent channels from the
+    # patch embedding (16 + the padding mask channel, 2x2 patches); 8x spatial tokenizer; T5-XXL text 512 x 1024.
+    Subject("cosmos1_7b", "Cosmos 1 Text2World 7B, one frame", "Cosmos",
+            {"blocks.block0.blocks.0.block.attn.to_q.0.weight": (4096, 4096), "x_embedder.proj.1.weight": (4096, 68)},
+            (16, 8), frames=True, context=(512, 1024)),
+    Subject("cosmos1_14b", "Cosmos 1 Text2World 14B, one frame", "Cosmos",
+            {"blocks.block0.blocks.0.block.attn.to_q.0.weight": (5120, 5120), "x_embedder.proj.1.weight": (5120, 68)},
+            (16, 8), frames=True, context=(512, 1024)),
+    # Cosmos Predict2 Text2Image 2B and 14B: nvidia/Cosmos-Predict2-{2B,14B}-Text2Image: 28 blocks of 2048 (16 heads),
+    # 36 of 5120 (40 heads); Wan 2.1's 16-channel 8x VAE, T5-XXL text 512 x 1024.
+    Subject("cosmos_predict2_2b", "Cosmos Predict2 2B Text2Image", "Cosmos",
+            {"x_embedder.proj.1.weight": (2048, 68), **_blocks("blocks.{}.mlp.layer1.weight", 28)}, (16, 8), frames=True,
+            context=(512, 1024)),
+    Subject("cosmos_predict2_14b", "Cosmos Predict2 14B Text2Image", "Cosmos",
+            {"x_embedder.proj.1.weight": (5120, 68), **_blocks("blocks.{}.mlp.layer1.weight", 36)}, (16, 8), frames=True,
+            context=(512, 1024)),
+    # Stable Cascade stage C (3.6 B): stabilityai/stable-cascade prior/config.json: two levels of 2048 channels, 32
+    # heads, 8 + 24 blocks down and 24 + 8 up; the detector reads the text mapper's width (2048: the full, not the
+    # lite, stage C). Its 16-channel latent is 1/42 of the image side (24 x 24 at 1024 px, as ComfyUI's
+    # StableCascade_EmptyLatentImage makes it); CLIP-G text 77 x 1280 and pooled 1280, and the image embedding's
+    # zeros (1 x 768) that ComfyUI passes without an unCLIP image.
+    Subject("stable_cascade_c", "Stable Cascade stage C", "StableCascade",
+            {"clf.1.weight": (16, 2048, 1, 1), "clip_txt_mapper.weight": (2048, 1280)}, (16, 42), context=(77, 1280),
+            extra={"clip_text": (1, 77, 1280), "clip_text_pooled": (1, 1, 1280), "clip_img": (1, 1, 768)}),
 )
 
 
@@ -278,7 +311,8 @@ def build(subject: Subject, resolution: int):
             inputs[name] = _extra_input(spec)
     names = _argument_names(model)
     if subject.unet is None and "timesteps" not in names:
-        inputs["timestep" if "timestep" in names else "t"] = inputs.pop("timesteps")
+        # Stable Cascade's stage C calls it r (its context goes in as clip_text, `context` to **kwargs as ComfyUI's does)
+        inputs["timestep" if "timestep" in names else "r" if "r" in names else "t"] = inputs.pop("timesteps")
     return model, inputs
 
 

@@ -484,10 +484,11 @@ def _table(as_loaded_gib: float, *presets: MemoryPreset) -> MemoryTable:
 
 # Filled from `benchmarks/memory_estimate.py` (one step on the meta device at the recipe's size; a card of
 # N GiB holds N - 1). Keyed by family name, sized on the family's largest model (SD 1.5, SD 2.1, SD-XL,
-# FLUX.1-dev, SD3.5 Large, Lumina 2, Qwen-Image, HunyuanVideo 13B, Kandinsky 5 Video Pro, LTX-Video 13B, ...),
-# or by a config class whose models differ in size from the rest of their family (Z-Image; Flux.2 sized on
-# Klein 9B; Wan 2.2 5B apart from the 14B models; HunyuanImage 2.1 and HunyuanVideo 1.5 apart from
-# HunyuanVideo 1.0). Families without a row: tests/test_memory_presets.py names them with the reason.
+# FLUX.1-dev, SD3.5 Large, Lumina 2, Qwen-Image, HunyuanVideo 13B, Kandinsky 5 Video Pro, LTX-Video 13B,
+# Cosmos 1 14B, ...), or by a config class whose models differ in size from the rest of their family (Z-Image;
+# Flux.2 sized on Klein 9B; Wan 2.2 5B apart from the 14B models; HunyuanImage 2.1 and HunyuanVideo 1.5 apart
+# from HunyuanVideo 1.0; Cosmos Predict2, sized on its 14B, apart from Cosmos 1). Families without a row:
+# tests/test_memory_presets.py names them with the reason.
 _NO_FIT = _fp8_at(512, fits=False)
 _WAN_14B = _table(130.1, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING)  # Wan 2.1 / 2.2 14B (one expert), one frame
 MEMORY_PRESETS: dict[str, MemoryTable] = {
@@ -519,6 +520,13 @@ MEMORY_PRESETS: dict[str, MemoryTable] = {
     "GenmoMochi": _table(101.2, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING),  # one frame
     "LTXV": _table(57.4, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING),  # 13 B, one frame
     "HunyuanDiT": _table(34.1, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # v1.2
+    # counted later the same day (CogVideoX on ComfyUI 0.33.0, the rest on 0.3.75). Checkpointing saves nothing yet for
+    # Cosmos 1 and Stable Cascade: trainer.train.checkpoint_units takes the blocks of the top-level ModuleLists, and
+    # Cosmos 1 keeps its blocks in a ModuleDict, stage C one list deeper (a list per level)
+    "CogVideoX": _table(102.2, _fp8_at(512), FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # 5B, one frame
+    "Cosmos": _table(127.9, _NO_FIT, _NO_FIT, _NO_FIT, _NO_FIT),  # Cosmos 1 Text2World 14B, one frame
+    "CosmosT2IPredict2": _table(127.9, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # 14B (the 2B fits 8 GB)
+    "StableCascade": _table(17.5, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, AS_LOADED),  # stage C, 3.6 B
 }
 
 

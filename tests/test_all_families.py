@@ -111,6 +111,36 @@ def test_a_class_whose_kernel_has_no_backward_on_this_host_fails_to_train_for_th
         _train_two_steps(name, tmp_path)
 
 
+# classes whose blocks sit in nested containers: Cosmos 1 a ModuleDict of blocks, Stable Cascade a list per level
+NESTED_BLOCKS = {"CosmosT2V": lambda m: list(m.blocks.values()),
+                 "Stable_Cascade_C": lambda m: [b for level in (*m.down_blocks, *m.up_blocks) for b in level]}
+
+
+@pytest.mark.parametrize("name", [n for n in NESTED_BLOCKS if n in tc.host_classes()])
+def test_checkpointing_reaches_blocks_in_nested_containers_and_keeps_the_gradients(name, tmp_path, monkeypatch):
+    """Gradient checkpointing wraps every block of a dict or of a list of lists (a container itself is never
+    called), and the checkpointed steps' gradients are those of plain backprop."""
+    from support.grads import AdamWGradients, assert_same_gradients
+    from tlora_pack.trainer.settings import TrainSettings
+    from tlora_pack.trainer.train import checkpoint_units, model_family, train_tlora
+
+    log, grads = AdamWGradients(monkeypatch), {}
+    for checkpointing in (False, True):
+        grads[checkpointing] = log.run()
+        patcher, spec = tf.build_spec(tc.spec_for(name))
+        family = model_family(patcher.model)
+        assert family.recipe.optimizer == "adamw"  # the recorder patches AdamW
+        recipe = family.recipe.resolve("auto", RANK, MIN_RANK, 2)
+        size = tc.size_for(name)
+        settings = TrainSettings(**recipe, resolution=size, storage="fp32", gradient_checkpointing=checkpointing)
+        train_tlora(patcher, None, tf.stub_vae(patcher, spec), torch.rand(1, size, size, 3), None, settings,
+                    str(tmp_path / str(checkpointing)), f"gc/{name}", conditioning=tf.conditioning(spec))
+    assert_same_gradients(grads[False], grads[True])
+    model = patcher.model.diffusion_model
+    units = {id(u) for u in checkpoint_units(model)}
+    assert all(id(block) in units for block in NESTED_BLOCKS[name](model)), f"{name}: blocks left out of checkpointing"
+
+
 @pytest.fixture(scope="module")
 def reference(trained):
     """A second copy of the class's tiny model (same seed) and its own weights as built."""

@@ -143,10 +143,20 @@ def detached_copy(tlora: TLora, steps_done: int, settings: TrainSettings) -> TLo
     return TLora(config=config, layers=layers)
 
 
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
+
+
+def _members(container) -> list[torch.nn.Module]:
+    """The modules a ModuleList / ModuleDict holds, nested containers opened (a container is never called
+    itself, its members are: Stable Cascade keeps one list of blocks per level, Cosmos 1 a dict of blocks)."""
+    items = container.values() if isinstance(container, torch.nn.ModuleDict) else container
+    return [unit for m in items for unit in (_members(m) if isinstance(m, _CONTAINERS) else [m])]
+
+
 def checkpoint_units(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules whose forward gets checkpointed: each block of the model's ModuleLists (and its
-    middle block); for Sequential blocks their layers, because ComfyUI's UNet calls those one by one."""
-    blocks = [b for child in diffusion_model.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+    """The modules whose forward gets checkpointed: each block of the model's ModuleLists and ModuleDicts
+    (and its middle block); for Sequential blocks their layers, because ComfyUI's UNet calls those one by one."""
+    blocks = [b for child in diffusion_model.children() if isinstance(child, _CONTAINERS) for b in _members(child)]
     middle = getattr(diffusion_model, "middle_block", None)
     blocks += [middle] if isinstance(middle, torch.nn.Module) else []
     return [unit for b in blocks for unit in (list(b.children()) if isinstance(b, torch.nn.Sequential) else [b])]

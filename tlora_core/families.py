@@ -520,13 +520,12 @@ MEMORY_PRESETS: dict[str, MemoryTable] = {
     "GenmoMochi": _table(101.2, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING),  # one frame
     "LTXV": _table(57.4, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING),  # 13 B, one frame
     "HunyuanDiT": _table(34.1, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # v1.2
-    # counted later the same day (CogVideoX on ComfyUI 0.33.0, the rest on 0.3.75). Checkpointing saves nothing yet for
-    # Cosmos 1 and Stable Cascade: trainer.train.checkpoint_units takes the blocks of the top-level ModuleLists, and
-    # Cosmos 1 keeps its blocks in a ModuleDict, stage C one list deeper (a list per level)
+    # counted later the same day (CogVideoX on ComfyUI 0.33.0, the rest on 0.3.75; Cosmos 1 and Stable Cascade once
+    # checkpointing reached the blocks of their ModuleDict / per-level lists)
     "CogVideoX": _table(102.2, _fp8_at(512), FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # 5B, one frame
-    "Cosmos": _table(127.9, _NO_FIT, _NO_FIT, _NO_FIT, _NO_FIT),  # Cosmos 1 Text2World 14B, one frame
+    "Cosmos": _table(127.9, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # Cosmos 1 Text2World 14B, one frame
     "CosmosT2IPredict2": _table(127.9, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # 14B (the 2B fits 8 GB)
-    "StableCascade": _table(17.5, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, AS_LOADED),  # stage C, 3.6 B
+    "StableCascade": _table(17.5, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),  # stage C, 3.6 B
 }
 
 

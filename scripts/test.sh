@@ -46,8 +46,9 @@ for host in "${SELECTED_HOSTS[@]}"; do
     rc=${PIPESTATUS[0]}
     set -e
     # pytest's closing line, e.g. "== 470 passed, 2 skipped in 700.12s (0:11:40) =="
+    # (none with -qq, which prints no closing line: the host's exit status still decides)
     result="$(grep -E '[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$LOGS/$host.log" | tail -n 1 |
-              sed -E 's/^=+ //; s/ in [0-9.]+s.*$//')"
+              sed -E 's/^=+ //; s/ in [0-9.]+s.*$//' || true)"
     passed_total=$((passed_total + $(count passed "$result")))
     failed_total=$((failed_total + $(count failed "$result") + $(count error "$result")))
     skipped_total=$((skipped_total + $(count skipped "$result")))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmarks to run when a GPU is lent (about 8 minutes on one H100/H200-class card), one after the other,
+# The benchmarks to run when a GPU is lent (about 8 minutes on one H100/H200-class card, plus the family table
+# last: six processes that each build a model at real widths, not yet timed on a GPU), one after the other,
 # each one's output kept under $OUT (default benchmarks/gpu_out), then one summary of their ratio lines.
 #
 #   bash benchmarks/gpu_suite.sh              # on the GPU machine, from the repository root
@@ -22,6 +23,7 @@ PLAN=(
   "train_sd15_512px|$PY|benchmarks/train_step.py --trainers peft,lora,tlora --resolution 512 --steps 4 --rounds 2 --memory-steps 2 --no-estimate"
   "memory_estimate|$PY|benchmarks/memory_estimate.py"
   "dynamic_vram|$PY_UPSTREAM|tests/gpu/dynamic_vram_check.py"
+  "family_table_1024px|$PY|benchmarks/family_table.py --blocks 1 --rounds 3"
 )
 
 dry_run() {
@@ -65,5 +67,5 @@ for entry in "${PLAN[@]}"; do
 done
 echo
 echo "== summary (ratios, peaks, checks)"
-grep -h -E "^(time|memory|T-LoRA|standard|sampling|device|.*check|.*ok|FAIL)" "$OUT"/*.txt | sed 's/^/  /'
+grep -h -E "^(time|memory|T-LoRA|standard|sampling|device|.*check|.*ok|FAIL|\| )" "$OUT"/*.txt | sed 's/^/  /'
 exit $status

@@ -16,7 +16,7 @@ def _dry_run(**env):
 def test_dry_run_passes_and_lists_every_step():
     run = _dry_run()
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "dry run ok (6 steps)" in run.stdout
+    assert "dry run ok (7 steps)" in run.stdout
     assert "--flux-tokens 512 --latent 128" in run.stdout  # Flux at 1024 px: 64 x 64 = 4096 image tokens
 
 

@@ -301,7 +301,7 @@ def counting_saved(name: str, saved: SavedTensors):
     def counted_fwd_bwd(self, *a, **k):
         with saved:
             return real_fwd_bwd(self, *a, **k)
-    SAVED, loop.saved_copies = saved, lambda enabled: saved
+    SAVED, loop.saved_copies = saved, lambda enabled, model: saved
     nodes_train.TrainSampler.fwd_bwd = counted_fwd_bwd
     try:
         yield

@@ -165,6 +165,34 @@ def test_gradient_checkpointing_trains_exactly_like_plain_backprop(tiny_sd15, tm
     assert len(units) > 3 and all("forward" not in vars(u) for u in units), "forward is given back"
 
 
+def test_saved_copies_survive_in_place_adds_and_leave_the_frozen_weights_uncopied():
+    """For blocks that add in place after saving (Flux's `x += ...`), autograd keeps copies of what it
+    saves, so the gradient is that of the same sums written out of place; the frozen weight it saves
+    (also as a transposed view) is kept by reference, not copied once more."""
+    from tlora_pack.trainer.loop import frozen_storages, saved_copies, saved_copy
+
+    layer = torch.nn.Linear(4, 3).requires_grad_(False)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    scale = torch.linspace(0.5, 1.5, 4, requires_grad=True)
+
+    def in_place_loss():
+        a = layer(x * scale)
+        out = a.sin().sum()  # sin saves a ...
+        a += 1.0  # ... which then changes in place
+        return out + a.pow(2).sum()
+
+    a = layer(x * scale)
+    want = torch.autograd.grad(a.sin().sum() + (a + 1.0).pow(2).sum(), scale)[0]
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(in_place_loss(), scale)
+    with saved_copies(True, layer):
+        loss = in_place_loss()
+    assert torch.allclose(torch.autograd.grad(loss, scale)[0], want, rtol=1e-6, atol=1e-7)
+    frozen = frozen_storages(layer)
+    assert saved_copy(layer.weight.t(), frozen).data_ptr() == layer.weight.data_ptr()
+    assert saved_copy(a, frozen).data_ptr() != a.data_ptr()
+
+
 def test_frozen_product_on_the_weight_trains_like_two_passes(tiny_sd15, tmp_path, monkeypatch):
     """Eq. 6's frozen product B0 S0 M_t A0 folded onto the layer's weight copy (no gradient) while the
     trained product stays on the activations gives the losses and every step's gradients of the two-pass

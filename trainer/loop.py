@@ -80,12 +80,27 @@ def loss_weights(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     return 1.0 / sigma ** 2
 
 
-def saved_copies(enabled: bool):
-    """Autograd keeps copies of the tensors it saves for backward, so a model that then changes them in
-    place (Flux's `x += ...` residual adds) still back-propagates correctly; costs their memory once more."""
+def frozen_storages(module: torch.nn.Module) -> frozenset:
+    """Identities of the storages of a module's parameters (the frozen weights), for saved_copy. Taken while
+    the parameters are alive and used only then: a freed storage's identity can come back for a new tensor."""
+    return frozenset(p.untyped_storage()._cdata for p in module.parameters())
+
+
+def saved_copy(tensor: torch.Tensor, frozen: frozenset) -> torch.Tensor:
+    """What autograd keeps of a tensor it saves when the model changes saved tensors in place: a copy, except
+    of a frozen weight's storage, which nothing writes into during a step (copying those would hold a second
+    copy of every weight the forward goes through)."""
+    return tensor if tensor.untyped_storage()._cdata in frozen else tensor.clone()
+
+
+def saved_copies(enabled: bool, model: torch.nn.Module):
+    """Autograd keeps copies of the tensors it saves for backward (saved_copy: not of `model`'s weights), so a
+    model that then changes them in place (Flux's `x += ...` residual adds) still back-propagates correctly;
+    costs their memory once more."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t)
+    frozen = frozen_storages(model)
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: saved_copy(t, frozen), lambda t: t)
 
 
 class PositiveOnlyGuider(comfy.samplers.CFGGuider):
@@ -167,7 +182,7 @@ class TrainSampler(comfy.samplers.Sampler):
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
         xt = model_sampling.noise_scaling(sigma, noise, x0, False)
         self.last_t = float(timesteps_from_sigmas(model_sampling, sigma, self.runtime.schedule.max_timestep).mean())
-        with self.autocast(x0.device), saved_copies(self.copy_saved):
+        with self.autocast(x0.device), saved_copies(self.copy_saved, model_wrap.inner_model):
             denoised = model_wrap(xt, sigma, **extra_args)
         err = (denoised.float() - x0.float()) ** 2
         dims = tuple(range(1, err.dim()))  # [batch, channels, (frames,) height, width]

@@ -167,12 +167,13 @@ class _Recompute(torch.autograd.Function):
     inside backward. Written out rather than torch.utils.checkpoint because blocks may add to tensors in
     place after saving them (Flux's `x += ...`): torch's recomputation keeps saved tensors by reference
     with no version check, so the gradients would come out wrong without an error. Here the block runs
-    on copies of its inputs, and its recomputation keeps copies of what it saves (`copy_saved`).
+    on copies of its inputs, and its recomputation keeps copies of what it saves (`copy_saved`; not of the
+    block's own weights, `unit`'s parameters).
     `anchor` requires grad so that backward runs even when no input does (the first block's)."""
 
     @staticmethod
-    def forward(ctx, call, copy_saved, anchor, *tensors):
-        ctx.call, ctx.copy_saved = call, copy_saved
+    def forward(ctx, call, unit, copy_saved, anchor, *tensors):
+        ctx.call, ctx.unit, ctx.copy_saved = call, unit, copy_saved
         ctx.autocast = [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
                         for device in {t.device.type for t in tensors} if torch.amp.is_autocast_available(device)]
         ctx.save_for_backward(*tensors)
@@ -181,22 +182,25 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
+        inputs = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[4:])]
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             for device, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-            stack.enter_context(saved_copies(ctx.copy_saved))
+            stack.enter_context(saved_copies(ctx.copy_saved, ctx.unit))
             outputs = ctx.call([t.clone() for t in inputs])
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, None, *[t.grad if needs else None for t, needs in zip(inputs, ctx.needs_input_grad[3:])])
+        return (None, None, None, None,
+                *[t.grad if needs else None for t, needs in zip(inputs, ctx.needs_input_grad[4:])])
 
 
-def _checkpointed(inner, copy_saved: bool, anchor: torch.Tensor):
-    """`inner` (a block's forward) under _Recompute; its floating-point tensor arguments go through
+def _checkpointed(unit: torch.nn.Module, copy_saved: bool, anchor: torch.Tensor):
+    """`unit`'s forward under _Recompute; its floating-point tensor arguments go through
     autograd, everything else (options, masks of ints, None) is passed as it is."""
+    inner = unit.forward
+
     def forward(*args, **kwargs):
         names = list(kwargs)
         values = list(args) + [kwargs[n] for n in names]
@@ -207,7 +211,7 @@ def _checkpointed(inner, copy_saved: bool, anchor: torch.Tensor):
             for i, t in zip(slots, tensors):
                 filled[i] = t
             return inner(*filled[:len(args)], **dict(zip(names, filled[len(args):])))
-        return _Recompute.apply(call, copy_saved, anchor, *[values[i] for i in slots])
+        return _Recompute.apply(call, unit, copy_saved, anchor, *[values[i] for i in slots])
     return forward
 
 
@@ -221,7 +225,7 @@ def checkpointed_blocks(diffusion_model: torch.nn.Module, enabled: bool, copy_sa
     units = checkpoint_units(diffusion_model) if enabled else []
     anchor = torch.zeros((), requires_grad=True)
     for unit in units:
-        unit.forward = _checkpointed(unit.forward, copy_saved, anchor)
+        unit.forward = _checkpointed(unit, copy_saved, anchor)
     try:
         yield
     finally:

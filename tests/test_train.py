@@ -165,11 +165,12 @@ def test_gradient_checkpointing_trains_exactly_like_plain_backprop(tiny_sd15, tm
     assert len(units) > 3 and all("forward" not in vars(u) for u in units), "forward is given back"
 
 
-def test_saved_copies_survive_in_place_adds_and_leave_the_frozen_weights_uncopied():
+def test_saved_copies_survive_in_place_adds_and_copy_neither_frozen_weights_nor_twice():
     """For blocks that add in place after saving (Flux's `x += ...`), autograd keeps copies of what it
-    saves, so the gradient is that of the same sums written out of place; the frozen weight it saves
-    (also as a transposed view) is kept by reference, not copied once more."""
-    from tlora_pack.trainer.loop import frozen_storages, saved_copies, saved_copy
+    saves, so the gradient is that of the same sums written out of place. The frozen weight it saves (also
+    as a transposed view) is kept by reference, and a region saved again unchanged (one input, three q/k/v
+    slices) shares one copy until it changes."""
+    from tlora_pack.trainer.loop import SavedCopies, frozen_storages, saved_copies
 
     layer = torch.nn.Linear(4, 3).requires_grad_(False)
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
@@ -188,9 +189,16 @@ def test_saved_copies_survive_in_place_adds_and_leave_the_frozen_weights_uncopie
     with saved_copies(True, layer):
         loss = in_place_loss()
     assert torch.allclose(torch.autograd.grad(loss, scale)[0], want, rtol=1e-6, atol=1e-7)
-    frozen = frozen_storages(layer)
-    assert saved_copy(layer.weight.t(), frozen).data_ptr() == layer.weight.data_ptr()
-    assert saved_copy(a, frozen).data_ptr() != a.data_ptr()
+
+    copies = SavedCopies(frozen_storages(layer))
+    assert copies.pack(layer.weight.t()).data_ptr() == layer.weight.data_ptr()
+    first = copies.pack(a)
+    assert first.data_ptr() != a.data_ptr() and torch.equal(first, a)
+    assert copies.pack(a.view(-1).view(2, 3)).data_ptr() == first.data_ptr(), "the same region: one copy"
+    assert copies.pack(a[1:]).data_ptr() != first.data_ptr(), "another region: its own copy"
+    a += 1.0
+    changed = copies.pack(a)
+    assert changed.data_ptr() != first.data_ptr() and torch.equal(changed, first + 1.0)
 
 
 def test_frozen_product_on_the_weight_trains_like_two_passes(tiny_sd15, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -81,26 +82,42 @@ def loss_weights(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def frozen_storages(module: torch.nn.Module) -> frozenset:
-    """Identities of the storages of a module's parameters (the frozen weights), for saved_copy. Taken while
+    """Identities of the storages of a module's parameters (the frozen weights), for SavedCopies. Taken while
     the parameters are alive and used only then: a freed storage's identity can come back for a new tensor."""
     return frozenset(p.untyped_storage()._cdata for p in module.parameters())
 
 
-def saved_copy(tensor: torch.Tensor, frozen: frozenset) -> torch.Tensor:
-    """What autograd keeps of a tensor it saves when the model changes saved tensors in place: a copy, except
-    of a frozen weight's storage, which nothing writes into during a step (copying those would hold a second
-    copy of every weight the forward goes through)."""
-    return tensor if tensor.untyped_storage()._cdata in frozen else tensor.clone()
+class SavedCopies:
+    """What autograd keeps of the tensors it saves when the model changes saved tensors in place: a copy,
+    except of a frozen weight's storage, which nothing writes into during a step (copying those would hold a
+    second copy of every weight the forward goes through). A region saved again unchanged (the q, k and v
+    slices of one fused weight each save their layer's input) shares its first copy, while the storage it
+    was copied from is alive (a freed storage's identity can pass to another)."""
+
+    def __init__(self, frozen: frozenset):
+        self.frozen, self.copies = frozen, {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata in self.frozen:
+            return tensor
+        key = (storage._cdata, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
+               tensor._version)
+        alive, copy = self.copies.get(key, (None, None))
+        if alive is not None and alive() is storage:
+            return copy
+        copy = tensor.clone()
+        self.copies[key] = (weakref.ref(storage), copy)
+        return copy
 
 
 def saved_copies(enabled: bool, model: torch.nn.Module):
-    """Autograd keeps copies of the tensors it saves for backward (saved_copy: not of `model`'s weights), so a
+    """Autograd keeps copies of the tensors it saves for backward (SavedCopies: not of `model`'s weights), so a
     model that then changes them in place (Flux's `x += ...` residual adds) still back-propagates correctly;
     costs their memory once more."""
     if not enabled:
         return contextlib.nullcontext()
-    frozen = frozen_storages(model)
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: saved_copy(t, frozen), lambda t: t)
+    return torch.autograd.graph.saved_tensors_hooks(SavedCopies(frozen_storages(model)).pack, lambda t: t)
 
 
 class PositiveOnlyGuider(comfy.samplers.CFGGuider):

@@ -14,6 +14,9 @@ random weights. SD1.5 runs at 512 px, the others at 1024 px (the recipe's size) 
   targets of tlora_core/families.py; factors moved off their init so dW is not zero).
 - Training: train_tlora with the family's recipe (optimizer, rank, r_min, targets), variant T-LoRA
   against plain LoRA ("lora", same rank and layers), fp32 on the CPU, bf16 autocast on CUDA.
+- Training memory: the allocator's peak over one more T-LoRA run (memory_counts.AllocatorPeak) beside
+  memory_estimate.py's meta-device count of the same model on the same basis (adapter, optimizer states
+  and what autograd saves; the weights too on CUDA, where the trainer loads them inside the window).
 Times: one process per family; rows interleaved round by round (reversed every other round), the first
 step of every run left out; medians of wall and of process CPU time (on a shared CPU the steadier one).
 --dry-run builds each family from tests/support/tiny_families.py (tiny widths) and runs one round of 2
@@ -33,13 +36,15 @@ from pathlib import Path
 
 import torch
 
-import memory_estimate  # noqa: F401  (first: it sets ComfyUI's flags before setup_pack may turn the GPU on)
+import memory_estimate  # (first: it sets ComfyUI's flags before setup_pack may turn the GPU on)
+import memory_counts
 import sampling_step as common
 import train_step
 
 # table row -> (memory_estimate subject, its tests/support/tiny_families entry for --dry-run)
 ROWS = {"sd15": ("sd15", None), "sdxl": ("sdxl", "sdxl"), "flux": ("flux_dev", "flux_dev"),
         "sd35": ("sd35_medium", "sd35"), "zimage": ("zimage", "zimage"), "qwen_image": ("qwen_image", "qwen_image")}
+MIB = 2 ** 20
 BLOCK_KEYS = ("double_blocks.", "single_blocks.", "joint_blocks.", "layers.", "transformer_blocks.")
 
 
@@ -174,6 +179,48 @@ def train_once(setup: FamilySetup, variant: str, steps: int, folder: str):
     return [None] + wall, [None] + cpu
 
 
+def meta_subject(setup: FamilySetup):
+    """memory_estimate's Subject for this very model: its latent, text and pooled widths as the setup feeds them."""
+    spec = setup.spec
+    return memory_estimate.Subject(
+        setup.row, setup.row, setup.family.name, latent=(setup.patcher.model.latent_format.latent_channels,
+                                                        spec.downscale),
+        frames=spec.frames, context=(setup.tokens, spec.context), guidance="guidance" in spec.extra_cond,
+        pooled=(spec.unet_config or {}).get("adm_in_channels") or spec.pooled,  # a UNet's y is its adm input
+        unet=spec.unet_config or None)
+
+
+def estimated_training(setup: FamilySetup) -> dict:
+    """memory_estimate's meta-device count of one training step of this model at setup.px, in bytes: its
+    weights in their dtype, the recipe's adapter with gradients and optimizer states, what autograd saves
+    besides the weights (the base is not fp8 here, so a saved weight is the loaded one) and backward's working
+    set."""
+    model_config = setup.patcher.model.model_config
+    with torch.device("meta"):
+        model = model_config.get_model({}, "", device=torch.device("meta")).diffusion_model
+    dtype = next(setup.patcher.model.diffusion_model.parameters()).dtype
+    inputs = memory_estimate.step_inputs(meta_subject(setup), model, setup.px, dtype)
+    saved = memory_estimate.traced_step(model, inputs, False, setup.family.inplace_residuals, setup.family.name)
+    return {"weights": sum(p.numel() for p in model.parameters()) * dtype.itemsize,
+            "adapter": memory_estimate.adapter_bytes(model, setup.family.name)[1],
+            "saved": saved["activations"] + saved["working"]}
+
+
+def measured_training(setup: FamilySetup, steps: int) -> dict:
+    """The allocator's peak above its level before one T-LoRA training run of `steps` steps, in bytes
+    (memory_counts.AllocatorPeak: CUDA's allocator, or glibc malloc on the CPU), and whether that level held the
+    model's weights already (on the CPU they stay where they are; on CUDA the trainer loads them in the window)."""
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    device = common.device_kind()
+    with tempfile.TemporaryDirectory() as folder:
+        peak = memory_counts.AllocatorPeak(device).start()
+        train_once(setup, "tlora", steps, folder)
+        above = peak.stop()
+    mm.unload_all_models()
+    return {"peak": above["allocator"], "weights_before": device != "cuda"}
+
+
 def measure(setup: FamilySetup, steps: int, train_steps: int, rounds: int) -> dict:
     """Interleaved rounds of the four rows on one model; {row: {"steps": [...], "cpu": [...]}}."""
     import comfy.model_management as mm
@@ -203,23 +250,35 @@ def worker(args) -> dict:
     setup = build(args.only, args.blocks, args.px or native, args.dry_run)
     start = time.perf_counter()
     times = measure(setup, args.steps, args.train_steps, args.rounds)
-    return {"row": args.only, "model": setup.describe(), "times": times, "seconds": time.perf_counter() - start,
+    memory = {"estimated": estimated_training(setup), **measured_training(setup, args.train_steps)}
+    return {"row": args.only, "model": setup.describe(), "times": times, "memory": memory,
+            "seconds": time.perf_counter() - start,
             "family": setup.family.name,
             "recipe": dataclasses.asdict(recipe_settings(setup, "tlora", 1).for_recipe(setup.family.recipe))}
 
 
+def memory_pair(memory: dict) -> tuple[int, int]:
+    """(measured peak, the estimate on the same basis) in bytes: without the weights where they were resident
+    before the run (the CPU), with them where the trainer loaded them inside it (CUDA)."""
+    est = memory["estimated"]
+    return memory["peak"], est["adapter"] + est["saved"] + (0 if memory["weights_before"] else est["weights"])
+
+
 def table(results: list) -> list[str]:
     lines = ["| family | model as run | sampling s/step bare / T-LoRA (CPU) | **T-LoRA / bare** (wall / CPU) | "
-             "training s/step LoRA / T-LoRA (CPU) | **T-LoRA / LoRA** (wall / CPU) | recipe |",
-             "|---|---|---|---|---|---|---|"]
+             "training s/step LoRA / T-LoRA (CPU) | **T-LoRA / LoRA** (wall / CPU) | "
+             "T-LoRA training peak MiB, measured / estimated (ratio) | recipe |",
+             "|---|---|---|---|---|---|---|---|"]
     for res in results:
         wall, cpu = common.step_medians(res["times"])
         r = res["recipe"]
+        measured, estimated = memory_pair(res["memory"])
         lines.append(
             f"| {res['family']} | {res['model']} | {cpu['bare']:.2f} / {cpu['tlora']:.2f} | "
             f"{wall['tlora'] / wall['bare']:.2f}x / {cpu['tlora'] / cpu['bare']:.2f}x | "
             f"{cpu['train_lora']:.2f} / {cpu['train_tlora']:.2f} | "
             f"{wall['train_tlora'] / wall['train_lora']:.2f}x / {cpu['train_tlora'] / cpu['train_lora']:.2f}x | "
+            f"{measured / MIB:.0f} / {estimated / MIB:.0f} ({measured / estimated:.2f}x) | "
             f"{r['variant']} r {r['rank']}, r_min {r['min_rank']}, {r['optimizer']}, {r['targets']} |")
     return lines
 

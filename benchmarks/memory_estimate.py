@@ -9,9 +9,15 @@ real checkpoint (the UNets from their published configs), and one forward + back
 family's recipe resolution. Activation memory is the bytes autograd keeps for backward (each storage
 once), measured with saved-tensor hooks the way the trainer runs: without checkpointing every block's
 activations, with it (trainer.train.checkpointed_blocks) the block inputs plus, during backward, the
-largest single block's activations. Weights count 2 bytes a value as loaded in bf16 / fp16, 1 as fp8
-(ComfyUI casts one layer at a time to the compute dtype). The T-LoRA is the family's recipe on its
-attention targets (tlora_core.families); its parameters, gradients and AdamW states are fp32.
+largest single block's activations; both plus the working set, taken as that block's activations once
+more (twice for a family whose saved tensors are copies). Attention is counted as CUDA's fused SDPA
+kernels keep it (q, k, v, output, log-sum-exp; the meta device's own SDPA would keep the whole attention
+matrix), and each adapted layer's input as its adapter saves it (the bare model traced here saves no
+input of a frozen Linear). Weights count 2 bytes a value as loaded in bf16 / fp16, 1 as fp8 (ComfyUI
+casts one layer at a time to the compute dtype). A weight autograd saves for backward costs nothing more
+in bf16 (it is the loaded weight) and its cast copy, 2 bytes a value, with an fp8 base.
+The T-LoRA is the family's recipe on its attention targets (tlora_core.families); its parameters,
+gradients and the recipe's optimizer states are fp32.
 Text encoders and the VAE run once before training and ComfyUI unloads them when the diffusion model
 needs the room, so they are left out. A card of N GiB is counted as N - 1 GiB usable (CUDA context,
 allocator slack).
@@ -24,6 +30,7 @@ Goals (issue 19): FLUX.1-dev and Flux.2 Klein <= 16 GiB, SD-XL <= 8 GiB, Wan 2.2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,8 +285,6 @@ def build(subject: Subject, resolution: int):
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     bf16 = torch.bfloat16
-    side = resolution // subject.latent[1]
-    shape = (1, subject.latent[0], 1, side, side) if subject.frames else (1, subject.latent[0], side, side)
     with torch.device("meta"):
         if subject.unet is not None:
             model = UNetModel(**subject.unet, dtype=bf16, operations=comfy.ops.disable_weight_init)
@@ -299,29 +304,37 @@ def build(subject: Subject, resolution: int):
                     model = model_config.get_model({}, "", device=torch.device("cpu")).diffusion_model.to("meta")
             else:
                 model = model_config.get_model({}, "", device=torch.device("meta")).diffusion_model
-        inputs = dict(x=torch.zeros(shape, dtype=bf16, requires_grad=True), timesteps=torch.zeros(1),
-                      context=torch.zeros(1, *subject.context, dtype=bf16))
+    return model, step_inputs(subject, model, resolution, bf16)
+
+
+def step_inputs(subject: Subject, model, resolution: int, dtype: torch.dtype) -> dict:
+    """The diffusion model's forward keyword arguments for one image of `subject` (meta tensors)."""
+    side = resolution // subject.latent[1]
+    shape = (1, subject.latent[0], 1, side, side) if subject.frames else (1, subject.latent[0], side, side)
+    with torch.device("meta"):
+        inputs = dict(x=torch.zeros(shape, dtype=dtype, requires_grad=True), timesteps=torch.zeros(1),
+                      context=torch.zeros(1, *subject.context, dtype=dtype))
         if subject.pooled:
-            inputs["y"] = torch.zeros(1, subject.pooled, dtype=bf16)
+            inputs["y"] = torch.zeros(1, subject.pooled, dtype=dtype)
         if subject.guidance:
             inputs["guidance"] = torch.ones(1)
         if subject.family == "Lumina2":
             inputs["num_tokens"] = subject.context[0]
         for name, spec in subject.extra.items():
-            inputs[name] = _extra_input(spec)
+            inputs[name] = _extra_input(spec, dtype)
     names = _argument_names(model)
     if subject.unet is None and "timesteps" not in names:
         # Stable Cascade's stage C calls it r (its context goes in as clip_text, `context` to **kwargs as ComfyUI's does)
         inputs["timestep" if "timestep" in names else "r" if "r" in names else "t"] = inputs.pop("timesteps")
-    return model, inputs
+    return inputs
 
 
-def _extra_input(spec):
+def _extra_input(spec, dtype: torch.dtype):
     if isinstance(spec, (int, float)):
         return spec
     if spec[0] == "ones":
-        return torch.ones(spec[1], dtype=torch.bfloat16)
-    return torch.zeros(spec, dtype=torch.bfloat16)
+        return torch.ones(spec[1], dtype=dtype)
+    return torch.zeros(spec, dtype=dtype)
 
 
 def _argument_names(model) -> tuple:
@@ -329,50 +342,136 @@ def _argument_names(model) -> tuple:
     return tuple(inspect.signature(model.forward).parameters)
 
 
-def traced_step(model, inputs, checkpointing: bool, copy_saved: bool) -> int:
-    """Bytes kept for backward by one forward (plus the largest block's, recomputed in backward). copy_saved:
-    autograd keeps a copy of each saved tensor, as the trainer does for a family whose blocks add in place
-    (Family.inplace_residuals, trainer.loop.saved_copies). Runs under the trainer's frozen_base, which raises
-    ComfyUI's `in_training` (0.33.0 then uses its autograd-capable RoPE instead of comfy_kitchen's kernel)."""
+def traced_step(model, inputs, checkpointing: bool, copy_saved: bool, family_name: str) -> dict:
+    """Bytes kept for backward by one forward (plus the largest block's, recomputed in backward), as
+    {"activations": ..., "weights": ..., "working": ...}. "working" is the step's working set beyond what is
+    kept, counted as the largest block's saved activations once more (the gradients flowing through a block
+    are about the size of what it saved), twice with copy_saved (a block's tensors then live beside their
+    copies until it ends); benchmarks/README.md compares this with the allocator's peak on the CPU. "weights"
+    is what autograd saves of the model's own weights, which
+    costs nothing more for a base held in the compute dtype (the saved tensor is the weight) and a cast copy
+    per layer for an fp8 base. copy_saved: autograd keeps copies of the other saved tensors, as the trainer
+    does for a family whose blocks add in place (Family.inplace_residuals, trainer.loop.SavedCopies). Runs
+    under the trainer's frozen_base, which raises ComfyUI's `in_training` (0.33.0 then uses its
+    autograd-capable RoPE instead of comfy_kitchen's kernel), with attention as CUDA's fused kernels keep it
+    (fused_attention) and the inputs the family's adapters save (adapter_inputs)."""
     from tlora_pack.trainer.train import checkpointed_blocks, frozen_base
 
     model.requires_grad_(False)
-    storages: dict = {}
+    kept = _SavedBytes(model, copy_saved)
+    with frozen_base(model), fused_attention():
+        with checkpointed_blocks(model, checkpointing, copy_saved):
+            with torch.autograd.graph.saved_tensors_hooks(kept.keep, lambda tensor: tensor), \
+                    adapter_inputs(model, family_name, kept.keep):
+                out = model(**inputs)
+            total = kept.bytes()
+            out.float().sum().backward()
+        # with the blocks' own forwards back: under checkpointed_blocks a block saves only its inputs
+        block = _largest_block(model, inputs, copy_saved, family_name)
+        if checkpointing:
+            total = {k: total[k] + block[k] for k in total}
+    # with copies, a block's originals are alive beside the copies until it ends: twice the working set
+    return {**total, "working": block["activations"] * (2 if copy_saved else 1)}
 
-    def keep(tensor):
-        tensor = tensor.clone() if copy_saved else tensor
-        storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+
+@contextlib.contextmanager
+def adapter_inputs(model, family_name: str, keep):
+    """Hands `keep` the input of each layer the family's recipe adapts, once per forward of the layer (the
+    slices of a fused weight share it): what the trainer's adapter saves for its A's gradient, while the bare
+    model traced here saves no input of a frozen Linear. Not in a forward without grad (a checkpointed
+    block's first pass saves nothing)."""
+    from tlora_pack.tlora_core.families import family_named
+    paths = {site.module_path.removeprefix("diffusion_model.")
+             for site in family_named(family_name).sites(model, "attention").values()}
+    held = []  # keeps each copy alive, so that its storage's identity is not reused while counting
+
+    def save_input(module, args):
+        if torch.is_grad_enabled() and args and torch.is_tensor(args[0]):
+            held.append(keep(args[0]))
+    handles = [model.get_submodule(path).register_forward_pre_hook(save_input) for path in sorted(paths)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Attention as CUDA's fused SDPA kernels (flash, memory-efficient: what ComfyUI's pytorch attention runs on
+    an NVIDIA card) keep it for backward: q, k, v, the output, one fp32 log-sum-exp per query row and the mask.
+    The meta device's own SDPA takes the math path, which keeps the whole attention matrix twice (scores and
+    probabilities: 2 x 24 x 4608 x 4608 bf16 = 1.9 GiB per FLUX block at 1024 px) and is not what trains."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        log_sum_exp = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, log_sum_exp, *([mask] if torch.is_tensor(mask) else []))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """torch's SDPA (which comfy.ops and ComfyUI's pytorch attention call by attribute) as _FusedAttention."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, *args, **kwargs):
+        return _FusedAttention.apply(q, k, v, attn_mask)
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+
+
+class _SavedBytes:
+    """A saved-tensor pack hook that records each storage autograd keeps once, split into the model's own
+    weights and everything else."""
+
+    def __init__(self, model, copy_saved: bool):
+        from tlora_pack.trainer.loop import SavedCopies, frozen_storages
+        self.frozen, self.storages = frozen_storages(model), {}
+        self.copies = SavedCopies(self.frozen) if copy_saved else None
+
+    def keep(self, tensor, where=None):
+        tensor = self.copies.pack(tensor) if self.copies is not None else tensor
+        storage = tensor.untyped_storage()
+        kind = "weights" if storage._cdata in self.frozen else "activations"
+        self.storages.setdefault(where, {})[storage._cdata] = (kind, storage.nbytes())
         return tensor
-    with frozen_base(model), checkpointed_blocks(model, checkpointing, copy_saved):
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            out = model(**inputs)
-        kept = sum(storages.values())
-        out.float().sum().backward()
-        return kept + (_largest_block(model, inputs, copy_saved) if checkpointing else 0)
+
+    def bytes(self, where=None) -> dict:
+        total = {"activations": 0, "weights": 0}
+        for kind, n in self.storages.get(where, {}).values():
+            total[kind] += n
+        return total
 
 
-def _largest_block(model, inputs, copy_saved: bool) -> int:
-    """Bytes a single block keeps for backward, the largest over the model (recorded per block in one
-    plain forward)."""
+def _largest_block(model, inputs, copy_saved: bool, family_name: str) -> dict:
+    """Bytes a single block keeps for backward (as traced_step), of the block that keeps the most, recorded per
+    block in one plain forward."""
     from tlora_pack.trainer.train import checkpoint_units
 
-    per_unit: dict = {}
+    kept = _SavedBytes(model, copy_saved)
     current = [None]
-
-    def keep(tensor):
-        tensor = tensor.clone() if copy_saved else tensor
-        if current[0] is not None:
-            per_unit.setdefault(current[0], {})[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
-        return tensor
     handles = []
     for unit in checkpoint_units(model):
         handles.append(unit.register_forward_pre_hook(lambda m, a, u=id(unit): current.__setitem__(0, u)))
         handles.append(unit.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+
+    def keep(tensor):
+        return kept.keep(tensor, current[0])
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), adapter_inputs(model, family_name, keep):
         model(**inputs)
     for h in handles:
         h.remove()
-    return max((sum(v.values()) for v in per_unit.values()), default=0)
+    blocks = [kept.bytes(u) for u in kept.storages if u is not None]
+    return max(blocks, key=lambda b: sum(b.values()), default={"activations": 0, "weights": 0})
 
 
 # fp32 tensors per trained value besides the value itself and its gradient: AdamW's two moments; Prodigy's
@@ -415,10 +514,12 @@ def measure(subject: Subject) -> dict:
             continue
         if (checkpointing, px) not in traces:
             model, inputs = build(subject, px)
-            traces[(checkpointing, px)] = traced_step(model, inputs, checkpointing, copy_saved)
+            traces[(checkpointing, px)] = traced_step(model, inputs, checkpointing, copy_saved, subject.family)
         params = sum(p.numel() for p in model.parameters())
         n_adapters, adapters, note = adapter_bytes(model, subject.family)
-        result[(fp8, checkpointing, px)] = (params * (1 if fp8 else 2) + adapters + traces[(checkpointing, px)]) / GIB
+        saved = traces[(checkpointing, px)]
+        result[(fp8, checkpointing, px)] = (params * (1 if fp8 else 2) + adapters + saved["activations"]
+                                            + (saved["weights"] if fp8 else 0) + saved["working"]) / GIB
     result["info"] = f"{params / 1e9:.2f} B parameters, {n_adapters} adapters ({adapters / GIB:.2f} GiB){note}"
     result["native"] = native
     return result

@@ -17,5 +17,5 @@ def test_dry_run_prints_a_row_for_every_family():
     assert families == ["SD1.x", "SD-XL", "Flux", "SD3", "Lumina2", "QwenImage"], run.stdout
     for line in rows:
         ratios = re.findall(r"(\d+\.\d+)x", line)
-        assert len(ratios) == 4 and all(float(r) > 0 for r in ratios), line
+        assert len(ratios) == 5 and all(float(r) > 0 for r in ratios), line
     assert re.search(r"\| Flux \|.*\| vanilla_tlora r 32, r_min 1, prodigy, attention \|", run.stdout)

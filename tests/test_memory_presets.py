@@ -49,13 +49,14 @@ def test_every_family_has_a_preset_for_every_card():
 
 
 def test_the_issues_goals_are_met_by_the_estimate():
-    """FLUX.1-dev, Flux.2 Klein and Wan 2.2 5B fit 16 GB, SD-XL fits 8 GB, all at their recipe's size
-    (benchmarks/memory_estimate.py; FLUX.1-dev 14.0 GiB with an fp8 base and checkpointing)."""
+    """FLUX.1-dev, Flux.2 Klein and Wan 2.2 5B fit 16 GB, SD-XL fits 8 GB (benchmarks/memory_estimate.py):
+    all at their recipe's size but FLUX.1-dev, at 768 px (14.3 GiB with an fp8 base and checkpointing; 15.4 at
+    1024 px is over the 15 the estimate leaves of a 16 GB card)."""
     from tlora_pack.tlora_core.families import memory_table
-    for key, card in (("Flux", 16), ("Flux2", 16), ("WAN22_T2V", 16), ("SD-XL", 8)):
+    for key, card, px in (("Flux", 16, 768), ("Flux2", 16, 0), ("WAN22_T2V", 16, 0), ("SD-XL", 8, 0)):
         preset = memory_table(key).cards[card]
         assert preset.fits, key
-        assert preset.max_resolution == 0, key
+        assert preset.max_resolution == px, key
     # a config class's own presets come before its family's
     assert memory_table("Lumina2", ("ZImage", "Lumina2")) is not memory_table("Lumina2")
 
@@ -99,7 +100,7 @@ def test_auto_on_a_gpu_picks_the_largest_card_the_free_memory_holds():
     from tlora_pack.trainer.memory import card_for
     as_loaded = memory_table("Flux").as_loaded_gib
     assert as_loaded > 24
-    free = (3.0, 7.6, 11.0, 12.0, 20.0, 23.6, 60.0)
+    free = (3.0, 7.6, 11.0, 12.0, 20.0, 23.6, as_loaded - 1.0)  # the last: above 24, short of as loaded
     assert [card_for("auto", gib, as_loaded) for gib in free] == [8, 8, 8, 12, 16, 24, 24]
     assert card_for("auto", as_loaded + 1.0, as_loaded) is None  # room for the run as loaded: no preset
     assert card_for("12 GB", 100.0, as_loaded) == 12  # a named card is taken as it is

@@ -483,49 +483,47 @@ def _table(as_loaded_gib: float, *presets: MemoryPreset) -> MemoryTable:
 
 
 # Filled from `benchmarks/memory_estimate.py` (one step on the meta device at the recipe's size; a card of
-# N GiB holds N - 1). Keyed by family name, sized on the family's largest model (SD 1.5, SD 2.1, SD-XL,
-# FLUX.1-dev, SD3.5 Large, Lumina 2, Qwen-Image, HunyuanVideo 13B, Kandinsky 5 Video Pro, LTX-Video 13B,
-# Cosmos 1 14B, ...), or by a config class whose models differ in size from the rest of their family (Z-Image;
-# Flux.2 sized on Klein 9B; Wan 2.2 5B apart from the 14B models; HunyuanImage 2.1 and HunyuanVideo 1.5 apart
-# from HunyuanVideo 1.0; Cosmos Predict2, sized on its 14B, apart from Cosmos 1). Families without a row:
-# tests/test_memory_presets.py names them with the reason.
+# N GiB holds N - 1), recounted 2026-12-05 with attention as CUDA's fused kernels keep it, the adapters' saved
+# inputs, the recomputed block's own activations, the step's working set and saved weights counted once
+# (benchmarks/README.md says what each changed). Keyed by family name, sized on the family's largest model
+# (SD 1.5, SD 2.1, SD-XL, FLUX.1-dev, SD3.5 Large, Lumina 2, Qwen-Image, HunyuanVideo 13B, Kandinsky 5 Video
+# Pro, LTX-Video 13B, Cosmos 1 14B, ...), or by a config class whose models differ in size from the rest of
+# their family (Z-Image; Flux.2 sized on Klein 9B; Wan 2.2 5B apart from the 14B models; HunyuanImage 2.1 and
+# HunyuanVideo 1.5 apart from HunyuanVideo 1.0; Cosmos Predict2, sized on its 14B, apart from Cosmos 1).
+# Kandinsky 5, LongCat-Image and CogVideoX counted on ComfyUI 0.33.0, the rest on 0.3.75. Families without a
+# row: tests/test_memory_presets.py names them with the reason.
 _NO_FIT = _fp8_at(512, fits=False)
-_WAN_14B = _table(130.1, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING)  # Wan 2.1 / 2.2 14B (one expert), one frame
+_WAN_14B = _table(64.2, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING)  # Wan 2.1 / 2.2 14B (one expert), one frame
+_COSMOS_14B = _table(63.5, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING)  # Cosmos 1 and Predict2 14B, one frame
 MEMORY_PRESETS: dict[str, MemoryTable] = {
     # key: _table(GiB as loaded, 8 GB, 12 GB, 16 GB, 24 GB)
-    "SD1.x": _table(5.4, AS_LOADED, AS_LOADED, AS_LOADED, AS_LOADED),
-    "SD2.x": _table(9.3, CHECKPOINTING, AS_LOADED, AS_LOADED, AS_LOADED),
-    "SD-XL": _table(20.7, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),
-    # Flux and Flux.2 recounted 2026-12-05 with the copies of saved tensors the trainer keeps for their in-place
-    # residual adds (Family.inplace_residuals): more without checkpointing, less with it (a copy holds only the
-    # slice it saves, not the whole fused output it was cut from)
-    "Flux": _table(172.6, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING),
-    "Flux2": _table(139.1, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
-    "SD3": _table(83.7, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
-    "Lumina2": _table(46.1, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
-    "ZImage": _table(79.0, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
-    "QwenImage": _table(134.8, _NO_FIT, _NO_FIT, _NO_FIT, _fp8_at(768)),
+    "SD1.x": _table(2.7, AS_LOADED, AS_LOADED, AS_LOADED, AS_LOADED),
+    "SD2.x": _table(3.7, AS_LOADED, AS_LOADED, AS_LOADED, AS_LOADED),
+    "SD-XL": _table(12.9, FP8_CHECKPOINTING, CHECKPOINTING, AS_LOADED, AS_LOADED),
+    "Flux": _table(46.2, _NO_FIT, _NO_FIT, _fp8_at(768), FP8_CHECKPOINTING),
+    "Flux2": _table(41.2, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING),
+    "SD3": _table(28.0, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
+    "Lumina2": _table(20.7, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),
+    "ZImage": _table(38.9, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    "QwenImage": _table(64.3, _NO_FIT, _NO_FIT, _NO_FIT, _fp8_at(768)),
     "Wan": _WAN_14B,
     "WAN21_T2V": _WAN_14B,
-    "WAN22_T2V": _table(23.3, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
-    # the generic-rule families (2026-12-05; Kandinsky 5 and LongCat-Image on ComfyUI 0.33.0, the rest on 0.3.75)
-    "HunyuanVideo": _table(168.6, _NO_FIT, _NO_FIT, _fp8_at(768), FP8_CHECKPOINTING),  # 1.0, 13 B, one frame
-    "HunyuanImage21": _table(75.6, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # 17 B
-    "HunyuanVideo15": _table(103.6, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),  # 8.3 B, one frame
-    "Kandinsky5": _table(159.2, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # Video Pro 19 B, one frame
-    "AuraFlow": _table(50.6, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
-    "PixArt": _table(20.5, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),  # PixArt-Sigma 1024
-    "LongCat-Image": _table(84.0, _fp8_at(768), FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
-    "Omnigen2": _table(56.8, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
-    "GenmoMochi": _table(101.2, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING),  # one frame
-    "LTXV": _table(57.4, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING),  # 13 B, one frame
-    "HunyuanDiT": _table(34.1, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # v1.2
-    # counted later the same day (CogVideoX on ComfyUI 0.33.0, the rest on 0.3.75; Cosmos 1 and Stable Cascade once
-    # checkpointing reached the blocks of their ModuleDict / per-level lists)
-    "CogVideoX": _table(102.2, _fp8_at(512), FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # 5B, one frame
-    "Cosmos": _table(127.9, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # Cosmos 1 Text2World 14B, one frame
-    "CosmosT2IPredict2": _table(127.9, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # 14B (the 2B fits 8 GB)
-    "StableCascade": _table(17.5, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, AS_LOADED),  # stage C, 3.6 B
+    "WAN22_T2V": _table(14.9, FP8_CHECKPOINTING, CHECKPOINTING, AS_LOADED, AS_LOADED),
+    "HunyuanVideo": _table(48.0, _NO_FIT, _NO_FIT, _fp8_at(512), FP8_CHECKPOINTING),  # 1.0, 13 B, one frame
+    "HunyuanImage21": _table(41.8, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # 17 B
+    "HunyuanVideo15": _table(31.8, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),  # 8.3 B, one frame
+    "Kandinsky5": _table(83.2, _NO_FIT, _NO_FIT, _NO_FIT, _fp8_at(512)),  # Video Pro 19 B, one frame
+    "AuraFlow": _table(30.1, _NO_FIT, FP8_CHECKPOINTING, FP8_CHECKPOINTING, CHECKPOINTING),
+    "PixArt": _table(5.9, AS_LOADED, AS_LOADED, AS_LOADED, AS_LOADED),  # PixArt-Sigma 1024
+    "LongCat-Image": _table(24.1, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    "Omnigen2": _table(28.5, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),
+    "GenmoMochi": _table(51.5, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING),  # one frame
+    "LTXV": _table(36.1, _NO_FIT, _NO_FIT, _NO_FIT, FP8_CHECKPOINTING),  # 13 B, one frame
+    "HunyuanDiT": _table(13.4, CHECKPOINTING, CHECKPOINTING, AS_LOADED, AS_LOADED),  # v1.2
+    "CogVideoX": _table(26.7, _NO_FIT, FP8_CHECKPOINTING, CHECKPOINTING, CHECKPOINTING),  # 5B, one frame
+    "Cosmos": _COSMOS_14B,  # Cosmos 1 Text2World 14B
+    "CosmosT2IPredict2": _COSMOS_14B,  # Predict2 14B (the 2B fits 8 GB with checkpointing)
+    "StableCascade": _table(10.6, FP8_CHECKPOINTING, AS_LOADED, AS_LOADED, AS_LOADED),  # stage C, 3.6 B
 }
 
 

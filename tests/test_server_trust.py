@@ -1,7 +1,6 @@
 """Through a real ComfyUI server (tiny SD1.5 model): a graph of only the trainer runs and writes its file;
 resuming continues exactly (Load T-LoRA -> Train, Train -> Train, a cancelled run's file); a cancel shows as
 cancelled and the log names the saved file; the pack's errors reach the UI as one plain message."""
-import time
 
 import pytest
 import torch
@@ -80,7 +79,7 @@ def test_a_cancel_shows_as_cancelled_names_the_file_and_the_file_resumes_exactly
         listener.until_done(prompt_id)
     finally:
         listener.close()
-    status = comfy_server.get(f"/history/{prompt_id}")[prompt_id]["status"]
+    status = comfy_server.finished(prompt_id, timeout=60)["status"]
     assert status["status_str"] == "error" and not status["completed"]
     assert [m[0] for m in status["messages"]][-1] == "execution_interrupted"
     notes = [line for line in comfy_server.log_text().splitlines() if "T-LoRA: cancelled at step" in line]
@@ -99,11 +98,7 @@ def test_a_pack_error_reaches_the_ui_as_one_plain_message(comfy_server, full_run
     wf["4"] = _load("trust/full_00001.safetensors")
     wf["4"]["inputs"]["strength"] = float("nan")  # ComfyUI's own min/max checks let NaN through
     wf["6"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 1]}}
-    prompt_id = comfy_server.post_prompt(wf)
-    deadline = time.monotonic() + 300  # a generous bound, as ComfyServer.wait's: only a hang reaches it
-    while (entry := comfy_server.get(f"/history/{prompt_id}").get(prompt_id)) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.25)
+    entry = comfy_server.finished(comfy_server.post_prompt(wf))
     error = dict(entry["status"]["messages"])["execution_error"]
     assert error["exception_type"] == "TLoraError"
     assert error["exception_message"].startswith("strength must be a finite number, got nan; use 1")

@@ -164,16 +164,14 @@ class ComfyServer:
             raise ComfyServerError(f"POST /prompt answered HTTP {e.code}:\n{detail}") from None
         return answer["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
-        """The prompt's history entry once it finished; raises with the node's exception on failure."""
+    def finished(self, prompt_id: str, timeout: float = 300.0) -> dict:
+        """The prompt's history entry once it finished, however it ended. ComfyUI writes the entry after
+        its last websocket message (execution_interrupted included), so it is polled for."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             history = self.get(f"/history/{prompt_id}")
             entry = (history or {}).get(prompt_id)
             if entry is not None and (entry.get("status") or {}).get("completed") is not None:
-                status = entry["status"]
-                if status.get("status_str") != "success":
-                    raise ComfyServerError(f"prompt {prompt_id} failed:\n{self._describe_failure(status)}")
                 return entry
             if self.process.poll() is not None:
                 raise ComfyServerError(f"ComfyUI died (code {self.process.returncode}) while running "
@@ -181,6 +179,14 @@ class ComfyServer:
             time.sleep(0.25)
         self._request("POST", "/interrupt", {})  # do not leave it running into the next test
         raise ComfyServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n" + self.log_tail())
+
+    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
+        """The prompt's history entry once it finished; raises with the node's exception on failure."""
+        entry = self.finished(prompt_id, timeout)
+        status = entry["status"]
+        if status.get("status_str") != "success":
+            raise ComfyServerError(f"prompt {prompt_id} failed:\n{self._describe_failure(status)}")
+        return entry
 
     def run(self, api_workflow: dict, timeout: float = 300.0) -> dict:
         """post_prompt + wait."""

@@ -349,11 +349,12 @@ def traced_step(model, inputs, checkpointing: bool, copy_saved: bool, family_nam
     are about the size of what it saved), twice with copy_saved (a block's tensors then live beside their
     copies until it ends); benchmarks/README.md compares this with the allocator's peak on the CPU. "weights"
     is what autograd saves of the model's own weights, which costs nothing more for a base held in the
-    compute dtype (the saved tensor is the weight) and a cast copy per layer for an fp8 base. copy_saved: autograd keeps copies of the other saved tensors, as the trainer
-    does for a family whose blocks add in place (Family.inplace_residuals, trainer.loop.SavedCopies). Runs
-    under the trainer's frozen_base, which raises ComfyUI's `in_training` (0.33.0 then uses its
-    autograd-capable RoPE instead of comfy_kitchen's kernel), with attention as CUDA's fused kernels keep it
-    (fused_attention) and the inputs the family's adapters save (adapter_inputs)."""
+    compute dtype (the saved tensor is the weight) and a cast copy per layer for an fp8 base. copy_saved:
+    autograd keeps copies of the other saved tensors, as the trainer does for a family whose blocks add in
+    place (Family.inplace_residuals, trainer.loop.SavedCopies). Runs under the trainer's frozen_base, which
+    raises ComfyUI's `in_training` (0.33.0 then uses its autograd-capable RoPE instead of comfy_kitchen's
+    kernel), with attention as CUDA's fused kernels keep it (fused_attention) and the inputs the family's
+    adapters save (adapter_inputs)."""
     from tlora_pack.trainer.train import checkpointed_blocks, frozen_base
 
     model.requires_grad_(False)
@@ -382,7 +383,7 @@ def adapter_inputs(model, family_name: str, keep):
     from tlora_pack.tlora_core.families import family_named
     paths = {site.module_path.removeprefix("diffusion_model.")
              for site in family_named(family_name).sites(model, "attention").values()}
-    held = []  # keeps each kept input (or its copy) alive, so that its storage's identity is not reused while counting
+    held = []  # keeps each kept input (or its copy) alive: a freed storage's identity could be reused
 
     def save_input(module, args):
         if torch.is_grad_enabled() and args and torch.is_tensor(args[0]):
@@ -465,7 +466,8 @@ def _largest_block(model, inputs, copy_saved: bool, family_name: str) -> dict:
 
     def keep(tensor):
         return kept.keep(tensor, current[0])
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), adapter_inputs(model, family_name, keep):
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
+            adapter_inputs(model, family_name, keep):
         model(**inputs)
     for h in handles:
         h.remove()

@@ -301,3 +301,38 @@ def test_fused_slices_share_one_weight_function_per_weight(trained):
     groups = shared_weight_functions([b, again, a])["m"]
     assert sorted(len(g.layers) for g in groups) == [1, 2]
     assert all(g.layers == sorted(g.layers, key=lambda x: x.target.rows[0]) for g in groups)
+
+
+@pytest.mark.parametrize("trained", ["flux_dev"], indirect=True)
+def test_sampling_adds_dw_into_the_calls_weight_copy_and_never_into_a_weight_that_stays(trained, monkeypatch):
+    """On the weight path, sampling adds each slice's dW into the copy ComfyUI hands the weight function (no
+    second whole-weight copy: the same tensor comes back); the layer's parameter, or a weight handed on 0.33's
+    dynamic-VRAM path (a module with `_v`, which may hand its resident weight), is never written."""
+    from tlora_pack.trainer import runtime as rt
+
+    monkeypatch.setattr(rt, "activations_cheaper", lambda *a: False)
+    _, patcher, _, result = trained
+    tlora, strength, t = moved_factors(result.tlora), 0.7, 300.0
+    _, runtime = rt.apply_tlora(patcher, tlora, strength)
+    path = "diffusion_model.single_blocks.0.linear1"
+    module = patcher.model.get_submodule(path)
+    function, = runtime.weight_functions[path]
+    assert len(function.layers) == 3
+    runtime.current = runtime.masks_for(torch.tensor([t]), torch.device("cpu"))
+    original = module.weight.detach().clone()
+    want = original.clone()
+    for layer in function.layers:
+        layer.module, layer.rows = module, 64
+        offset, size = layer.target.rows
+        want[offset:offset + size] += strength * dense_delta(layer.factors, _paper_rank(t))
+    assert (want - original).norm() / original.norm() > 1e-3
+
+    def close(got):
+        return (got - want).norm() / want.norm() < 1e-6
+    with torch.no_grad():
+        copy = original.clone()
+        assert function(copy) is copy and close(copy), "ComfyUI's copy for the call is patched in place"
+        assert close(function(module.weight)) and torch.equal(module.weight, original), "the parameter stays W"
+        monkeypatch.setattr(module, "_v", object(), raising=False)
+        handed = original.clone()
+        assert close(function(handed)) and torch.equal(handed, original), "a dynamic-VRAM weight stays as handed"

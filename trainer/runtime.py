@@ -7,7 +7,8 @@ How it enters ComfyUI (each with its undo, under a key of its own so several T-L
   * a `weight_function` (ComfyUI's per-forward weight hook, also used by its low-VRAM patches) that
     returns W + strength * dW(t) in one addmm when every row of the batch shares one t (CFG halves
     share their sigma): out*in*k extra work, independent of the number of tokens; one per Linear,
-    whatever the number of fused slices adapted on it (one copy of the weight per call);
+    whatever the number of fused slices adapted on it; while sampling it adds into the copy ComfyUI
+    makes of the weight for the call, so the weight is copied once per call, by ComfyUI;
   * a forward hook that adds strength * dW(t_i) x_i to the output instead, per sample when rows carry
     different t, and for layers whose input has so few rows that this is cheaper (cross-attention
     keys/values, the deepest blocks);
@@ -125,6 +126,29 @@ def weight_path_exact(module, weight: torch.Tensor) -> bool:
     return weight.dtype not in FP8_DTYPES and not torch.is_tensor(getattr(module, "scale_weight", None))
 
 
+def this_calls_copy(module, weight: torch.Tensor) -> bool:
+    """Whether the weight handed to a weight function is a copy made for this call alone, so that sampling
+    may add dW to its rows in place instead of building a second whole-weight copy (Flux's linear1 is
+    264 MiB in fp32: on a CPU the second copy cost more than the addmm itself).
+
+    ComfyUI's cast path copies the weight whenever a Linear has weight functions (`cast_to(copy=True)`,
+    into a per-call cast buffer on 0.33) and hands the copy, or what earlier functions made of it, down the
+    list. Not so on 0.33's dynamic-VRAM path (a module with `_v`), which may hand a resident, cached weight
+    as it is; and never the layer's parameter itself, whoever calls. A tensor that needs gradients is not
+    written either."""
+    if module is None or hasattr(module, "_v") or weight.requires_grad:
+        return False
+    param = getattr(module, "weight", None)
+    try:
+        return not torch.is_tensor(param) or not shares_storage(weight, param)
+    except (RuntimeError, NotImplementedError):  # a quantized parameter without plain storage: do not guess
+        return False
+
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype to add dW in: the tensor's own on an accelerator (fp16/bf16 GEMMs accumulate in fp32
     and round once) and for fp32; float32 for anything else (CPU half types, fp8 storage)."""
@@ -187,9 +211,11 @@ class AdaptedLayer:
         return (call is not None and call.uniform and self.runtime.strength != 0
                 and self.path(call) != "activations")
 
-    def new_rows(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    def new_rows(self, weight: torch.Tensor, in_place: bool = False) -> Optional[torch.Tensor]:
         """This layer's rows of W + strength * dW(t), in the weight's dtype, when this call adds dW on the
-        weight; None when the forward hook adds it on the activations instead."""
+        weight; None when the forward hook adds it on the activations instead. With `in_place` (the weight
+        is this call's own copy: this_calls_copy) sampling adds dW into the weight's rows and returns that
+        view, where it computes in the weight's dtype."""
         self.on_weight = self.frozen_on_weight = False
         call = self.runtime.current
         if not self.takes_weight(call) or not weight_path_exact(self.module, weight):
@@ -210,6 +236,8 @@ class AdaptedLayer:
             new = torch.add(rows, dw, alpha=strength)
         else:
             left, right = self.stacked(weight.device, dtype, call.active)
+            if in_place and dtype == weight.dtype:  # rows is then a view of the weight
+                return rows.addmm_(left, right, alpha=strength)
             new = torch.addmm(rows, left, right, alpha=strength)
         return new.to(weight.dtype)
 
@@ -237,17 +265,19 @@ class AdaptedLayer:
 
 class SharedWeightFunction:
     """The one `weight_function` of a Linear for this runtime's adapters on it: a whole Linear's, or the
-    slices of a fused weight (Flux's q, k, v of one qkv). The patched weight is built in ONE copy, the
-    untouched rows and each slice's W + dW side by side, instead of one whole-weight copy per slice."""
+    slices of a fused weight (Flux's q, k, v of one qkv). Sampling adds each slice's dW into the copy
+    ComfyUI made for the call (this_calls_copy); otherwise the patched weight is built in ONE new copy, the
+    untouched rows and each slice's W + dW side by side, never one whole-weight copy per slice."""
 
     def __init__(self, layers: list):
         self.layers = layers  # ordered by row offset, rows not overlapping
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        in_place = this_calls_copy(self.layers[0].module, weight)
         pieces, cursor = [], 0
         for layer in self.layers:
-            new = layer.new_rows(weight)
-            if new is None:
+            new = layer.new_rows(weight, in_place)
+            if new is None or shares_storage(new, weight):  # nothing on the weight, or added in place
                 continue
             offset, size = layer.target.rows or (0, weight.shape[0])
             pieces += [weight[cursor:offset], new]

@@ -30,20 +30,27 @@ class SavedTensors:
     """Counts what autograd saves inside the context (enter it around forward passes; may be entered
     once per step: `steps` keeps each entry's count, `largest()` the biggest)."""
 
-    RESIDENT = ("model weight", "adapter parameter")
+    RESIDENT = ("model weight", "adapter tensor")
 
     def __init__(self, model: Optional[torch.nn.Module] = None):
         self.own = set() if model is None else {_storage_key(p)[0] for p in model.parameters()}
         self.own |= set() if model is None else {_storage_key(b)[0] for b in model.buffers()}
+        self.adapter: set[int] = set()
         self.steps: list[dict] = []
         self._stack: list[torch.nn.Module] = []
+
+    def add_adapter(self, tensors):
+        """Tensors of the adapter that live through the run although they need no gradient (T-LoRA's frozen
+        copies B0, S0, A0): saved, they are resident like its parameters, not memory kept for backward."""
+        self.adapter |= {_storage_key(t)[0] for t in tensors}
 
     def _classify(self, t: torch.Tensor) -> str:
         ptr, _ = _storage_key(t)
         if ptr in self.own:
             return "model weight"
-        if t.is_leaf and t.requires_grad:
-            return "adapter parameter"
+        base = t if t._base is None else t._base  # a view of a parameter (a slice, a transpose) is the parameter
+        if (base.is_leaf and base.requires_grad) or ptr in self.adapter:
+            return "adapter tensor"
         module = self._stack[-1] if self._stack else None
         weight = getattr(module, "weight", None)
         if torch.is_tensor(weight) and t.dim() == 2 and sorted(t.shape) == sorted(weight.shape):  # or its transpose

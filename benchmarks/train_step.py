@@ -292,21 +292,28 @@ SAVED: SavedTensors | None = None  # set by memory_worker: run_peft counts its f
 @contextlib.contextmanager
 def counting_saved(name: str, saved: SavedTensors):
     """Every training forward pass of trainer `name` inside `saved` (this pack's: in place of the loop's
-    saved-tensor context, which is a no-op for SD1.5; TrainLoraNode's: around its fwd_bwd)."""
+    saved-tensor context, which is a no-op for SD1.5; TrainLoraNode's: around its fwd_bwd). The pack's
+    factors, T-LoRA's frozen copies too, are registered as the adapter's resident tensors."""
     global SAVED
     from comfy_extras import nodes_train
-    from tlora_pack.trainer import loop
-    real_saved, real_fwd_bwd = loop.saved_copies, nodes_train.TrainSampler.fwd_bwd
+    from tlora_pack.trainer import loop, train
+    real_saved, real_fwd_bwd, real_trainable = loop.saved_copies, nodes_train.TrainSampler.fwd_bwd, train.make_trainable
 
     def counted_fwd_bwd(self, *a, **k):
         with saved:
             return real_fwd_bwd(self, *a, **k)
-    SAVED, loop.saved_copies = saved, lambda enabled, model: saved
+
+    def registered(tlora, device):
+        params = real_trainable(tlora, device)
+        saved.add_adapter(t for f in tlora.layers.values() for t in f.tensors().values())
+        return params
+    SAVED, loop.saved_copies, train.make_trainable = saved, lambda enabled, model: saved, registered
     nodes_train.TrainSampler.fwd_bwd = counted_fwd_bwd
     try:
         yield
     finally:
         SAVED, loop.saved_copies, nodes_train.TrainSampler.fwd_bwd = None, real_saved, real_fwd_bwd
+        train.make_trainable = real_trainable
 
 
 def memory_worker(name: str, resolution: int, steps: int, checkpointing: bool, tiny: bool) -> dict:
@@ -498,7 +505,7 @@ def memory_report(memory: dict, device: str):
     and the RSS peak above the built model; then the ratios of each measure."""
     mib = common.mib
     print("\nmemory of one step, two ways (memory_counts.py); 'saved' = what autograd keeps for backward, each "
-          "storage once (model weights and adapter parameters, resident anyway, apart)")
+          "storage once (model weights and the adapter's tensors, resident anyway, apart)")
     print(f"{'trainer':13} {'saved MiB':>9} {'allocator peak':>14} {'peak RSS':>9}  saved by kind (MiB)")
     for v, m in memory.items():
         saved = m.get("saved") or {}

@@ -53,7 +53,26 @@ def test_each_storage_counts_once_whatever_views_point_at_it():
     assert counter.steps[-1] == {"activation: (outside modules)": 256 + 128 + 128}
     with counter:
         (x * x).sum()  # mul saves both operands: the same leaf storage, counted once
-    assert counter.steps[-1] == {"adapter parameter": 256}
+    assert counter.steps[-1] == {"adapter tensor": 256}
+
+
+def test_registered_adapter_tensors_count_as_resident_though_they_need_no_gradient():
+    """A frozen factor (T-LoRA's B0) that a frozen-factor product saves is resident, not kept for backward;
+    the same op on an unregistered tensor is counted as an activation."""
+    x = torch.randn(3, 4, requires_grad=True)
+    frozen, other = torch.randn(2, 4), torch.randn(2, 4)
+    counter = SavedTensors()
+    counter.add_adapter([frozen])
+    with counter:
+        torch.nn.functional.linear(x, frozen)  # saves its weight (2x4 fp32) for the input gradient
+        torch.nn.functional.linear(x, other)
+    assert counter.steps[-1] == {"adapter tensor": 32, "activation: (outside modules)": 32}
+    assert extra_bytes(counter.steps[-1]) == 32
+    trained = torch.randn(4, 6, requires_grad=True)
+    with counter:
+        h = x * 1.0  # a fresh 48 B activation
+        (h @ trained[:, :2]).sum()  # matmul saves both operands: h and a view of the parameter (its 96 B storage)
+    assert counter.steps[-1] == {"adapter tensor": 96, "activation: (outside modules)": 48}
 
 
 def test_allocator_peak_sees_a_buffer_held_while_it_samples():
